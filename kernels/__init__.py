@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as ``pml_scale.kernels`` (a PyPI package named ``kernels`` exists)."""
