@@ -27,7 +27,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,27 +62,6 @@ def decode_id(raw: bytes) -> int:
     if len(raw) != 8:
         raise ValueError(f"a .id member must be 8 bytes (int64 little-endian), got {len(raw)}")
     return int.from_bytes(raw, "little", signed=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: never a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @dataclass
