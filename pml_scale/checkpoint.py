@@ -1,0 +1,109 @@
+"""Checkpoints that lose nothing: DeepSpeed's model/optimizer/scheduler state, our client state
+(epoch, position in the epoch, best mAP, RNG) and the pseudo-label store, committed together.
+
+Commit protocol: DeepSpeed writes the tag folder with ``save_latest=False``; we add the pseudo-label
+snapshot(s) into that folder; after a barrier rank 0 atomically rewrites ``latest``. A kill at any
+moment leaves ``latest`` pointing at a complete checkpoint (the older one if the new one was cut).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write_text
+from .distributed import barrier
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST
+    if not path.exists():
+        return None
+    tag = path.read_text().strip()
+    if not (Path(ckpt_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{path} names checkpoint {tag!r}, but {Path(ckpt_dir) / tag} does not exist")
+    return tag
+
+
+def store_snapshot_name(node_index: int | None) -> str:
+    """Shared store (all-gather sync): one snapshot. Node-local stores (affinity): one per node."""
+    return "pseudo.f16" if node_index is None else f"pseudo-node{node_index}.f16"
+
+
+def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, dist_info, per_node: bool,
+         keep: int = 2) -> None:
+    """Save everything under ``ckpt_dir/tag`` and then point ``latest`` at it.
+
+    ``stores`` maps a name ("pseudo", "role") to an object with ``snapshot(path)``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    client_state = dict(client_state, rng=rng_state())
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    node = _node_index(dist_info) if per_node else None
+    writer = dist_info.is_local_main if per_node else dist_info.is_main
+    if writer:
+        for name, store in stores.items():
+            store.flush()
+            store.snapshot(ckpt_dir / tag / store_snapshot_name(node).replace("pseudo", name))
+    barrier()
+    if dist_info.is_main:
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        _prune(ckpt_dir, keep=keep, protect={tag, "best"})
+    barrier()
+
+
+def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> dict | None:
+    """Restore the newest committed checkpoint; returns its client state, or None if there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    node = _node_index(dist_info) if per_node else None
+    if dist_info.is_local_main:
+        for name, store in stores.items():
+            src = Path(ckpt_dir) / tag / store_snapshot_name(node).replace("pseudo", name)
+            if not src.exists():
+                raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {src.name}: cannot restore the {name} store")
+            store.restore(src)
+    barrier()
+    set_rng_state(client_state["rng"])
+    return client_state
+
+
+def _node_index(dist_info) -> int:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+    return dist_info.rank // max(local_world, 1)
+
+
+def _prune(ckpt_dir: Path, *, keep: int, protect: set) -> None:
+    """Keep the newest ``keep`` step/epoch checkpoints (and 'best'); delete older ones."""
+    import shutil
+
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name not in protect]
+    tags.sort(key=lambda p: p.stat().st_mtime)
+    for old in tags[: max(len(tags) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)

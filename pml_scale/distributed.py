@@ -1,0 +1,102 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+One face for the three ways a run starts: the `deepspeed` launcher (one or many nodes), `torchrun`,
+or a plain `python launch/train.py` (a world of one). All of them leave RANK / WORLD_SIZE / LOCAL_RANK
+in the environment (or nothing, for a plain run); we create the torch process group ourselves (NCCL on
+GPUs, gloo on CPU) and DeepSpeed adopts it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise the default process group once (idempotent) and pick this rank's device."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def disable_deepspeed_cpu_shm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op (~30-45 s, needs a compiler) the first
+    time it wraps a CPU process group. gloo is enough for our CPU runs and tests, so skip it."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks (no-op in a world of one)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped (B, ...) tensors from every rank along dim 0, rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

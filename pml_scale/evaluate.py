@@ -1,0 +1,49 @@
+"""Distributed evaluation: every rank scores its slice of the test split, rank 0 gathers the rows
+by sample id and computes mAP (full, or masked on a partially labelled test set)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .distributed import all_gather_rows
+from .metrics import mean_average_precision
+
+
+@torch.no_grad()
+def predict(engine, loader, *, epoch: int, num_labels: int, progress=None):
+    """Scores (sigmoid) and ids of the valid rows this rank saw, gathered from all ranks (rank order).
+
+    Eval loaders pad with repeats marked valid=False so all ranks run the same number of batches;
+    those rows are dropped here, after the gather, so every test id counts exactly once.
+    """
+    engine.eval()
+    loader.set_epoch(epoch)
+    scores, ids, valid = [], [], []
+    for batch in loader:
+        logits = engine(batch.images)
+        scores.append(torch.sigmoid(logits.float()))
+        ids.append(batch.ids)
+        valid.append(batch.valid)
+        if progress is not None:
+            progress.update(1)
+    engine.train()
+    if not scores:
+        return np.zeros((0, num_labels), np.float32), np.zeros((0,), np.int64)
+    s = all_gather_rows(torch.cat(scores))
+    i = all_gather_rows(torch.cat(ids))
+    v = all_gather_rows(torch.cat(valid))
+    return s[v].cpu().numpy(), i[v].cpu().numpy()
+
+
+def score(scores: np.ndarray, ids: np.ndarray, test_labels: np.ndarray, *, partial: bool | None):
+    """mAP and per-class AP of the gathered predictions against the full test labels (rows by id)."""
+    order = np.argsort(ids, kind="stable")
+    ids, scores = ids[order], scores[order]
+    unique, first = np.unique(ids, return_index=True)
+    if len(unique) != len(ids):  # a sample seen twice (should not happen): keep its first score
+        ids, scores = unique, scores[first]
+    states = np.asarray(test_labels[ids])
+    if partial is None:
+        partial = bool((states < 0).any())
+    return mean_average_precision(scores, states, partial=partial), len(ids)

@@ -1,0 +1,385 @@
+"""The training engine: shards + loaders + loss + label stores joined into a DeepSpeed
+data-parallel run that can be killed at any moment and resumed without losing anything.
+
+Per step, on every rank:
+  1. the loader yields images and sample ids (its epoch plan gives every rank an equal slice);
+  2. observed states and stored pseudo labels are gathered by id (host memmaps -> device);
+  3. global batch counts (P positives, T label slots) are summed over ranks: one tiny all-reduce,
+     so α/β do not depend on the number of GPUs;
+  4. forward, loss (the fused Triton kernel on GPUs), DeepSpeed backward/step;
+  5. ŷ of this step goes to the pseudo-label store: all-gathered so every node-local store holds
+     every row (traffic B·L·2 bytes × world per step), or kept local with shard affinity.
+
+What grows with what: host memory-maps of N×L int8 (observed) and N×L fp16 (pseudo) per node;
+per-step traffic B·L per rank; checkpoint size = model + optimizer + N×L×2 bytes of pseudo labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .atomic import atomic_write_json
+from .config import deepspeed_config, load_config, parse_cli, save_resolved
+from .data.format import labels_name, read_manifest
+from .data.loaders import LoaderConfig, build_loader
+from .distributed import all_reduce_sum, barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
+from .evaluate import predict, score
+from .labels import MISSING, POS, ObservedLabels, make_observed, parse_setting
+from .losses import LossInputs, build_loss
+from .model import build_model
+from .stores import PseudoLabelStore, RoleEstimates, allgather_updates
+from .tracking import Tracker
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------- data
+def ensure_dataset(cfg, dist_info) -> dict:
+    """Read the manifest; build the embedded demo dataset first if asked and absent (rank 0 only)."""
+    root = Path(cfg.data.root)
+    if cfg.data.build_demo and not (root / "manifest.json").exists():
+        if dist_info.is_local_main:
+            from .data.demo import build_demo
+
+            print(f"[pml-scale] building the embedded demo dataset in {root} ...", flush=True)
+            build_demo(root, seed=0)
+        barrier()
+    return read_manifest(root)
+
+
+def observed_path(cfg) -> Path:
+    """The observed-label file of the configured setting (made once, seeded, then reused)."""
+    if cfg.data.observed:
+        return Path(cfg.data.observed)
+    name, ratio = parse_setting(cfg.data.setting)
+    root = Path(cfg.data.root)
+    if name in ("FAL", "NATIVE"):
+        return root / labels_name(cfg.data.train_split)
+    suffix = f"_{ratio:g}" if ratio is not None else ""
+    return root / "observed" / f"{name}{suffix}_s{cfg.data.setting_seed}.npy"
+
+
+def ensure_observed(cfg, dist_info) -> ObservedLabels:
+    path = observed_path(cfg)
+    if not path.exists():
+        if dist_info.is_local_main:
+            name, ratio = parse_setting(cfg.data.setting)
+            full = np.load(Path(cfg.data.root) / labels_name(cfg.data.train_split), mmap_mode="r")
+            print(f"[pml-scale] writing observed labels {path} ({cfg.data.setting}, seed {cfg.data.setting_seed})",
+                  flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ObservedLabels.from_dense(make_observed(full, name, ratio, seed=cfg.data.setting_seed)).save(path)
+        barrier()
+    return ObservedLabels.load(path)
+
+
+def expected_positives(full_train: np.ndarray, chunk: int = 65536) -> float:
+    total = 0
+    for start in range(0, full_train.shape[0], chunk):
+        total += int((np.asarray(full_train[start:start + chunk]) == POS).sum())
+    return total / max(full_train.shape[0], 1)
+
+
+def make_loader(cfg, split: str, *, train: bool, dist_info, batch_size: int):
+    lc = LoaderConfig(root=cfg.data.root, split=split, backend=cfg.data.backend, image_size=cfg.data.image_size,
+                      batch_size=batch_size, train=train, augment=cfg.data.augment, hflip=cfg.data.hflip,
+                      workers=cfg.data.workers, dtype=cfg.model.dtype if cfg.model.dtype != "fp32" else "float32",
+                      on_error=cfg.data.on_error, affinity=cfg.data.affinity if train else "none",
+                      seed=cfg.run.seed)
+    return build_loader(lc, rank=dist_info.rank, world_size=dist_info.world_size, local_rank=dist_info.local_rank,
+                        device=dist_info.device)
+
+
+# ------------------------------------------------------------------------------------- schedule
+def lr_lambda(cfg, steps_per_epoch: int):
+    """Warmup (linear) then cosine / one-cycle / constant: the paper's dynamic training scheme."""
+    total = max(cfg.run.epochs * steps_per_epoch, 1)
+    warm = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    floor = cfg.optim.min_lr_ratio
+    kind = cfg.optim.schedule
+
+    def f(step: int) -> float:
+        if kind == "onecycle":
+            peak = max(int(0.3 * total), 1)
+            if step < peak:
+                return floor + (1 - floor) * step / peak
+            t = (step - peak) / max(total - peak, 1)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        t = (step - warm) / max(total - warm, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def make_optimizer(cfg, params):
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                 betas=tuple(cfg.optim.betas))
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                               momentum=cfg.optim.momentum, nesterov=True)
+    raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {cfg.optim.name!r}")
+
+
+# ----------------------------------------------------------------------------------------- run
+def run(cfg) -> dict:
+    """Train and evaluate one configuration; returns the summary written to summary.json."""
+    t_start = time.time()
+    dist_info = setup_distributed()
+    disable_deepspeed_cpu_shm_op()
+    import deepspeed
+
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt_dir = run_dir / "checkpoints"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir / "config.yaml")
+    barrier()
+
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    manifest = ensure_dataset(cfg, dist_info)
+    root = Path(cfg.data.root)
+    num_labels = int(manifest["num_classes"])
+    full_train = np.load(root / labels_name(cfg.data.train_split), mmap_mode="r")
+    test_labels = np.load(root / labels_name(cfg.data.test_split), mmap_mode="r")
+    observed = ensure_observed(cfg, dist_info)
+    num_train = observed.num_samples
+    if observed.num_labels != num_labels:
+        raise ValueError(f"{observed_path(cfg)}: {observed.num_labels} labels, but the manifest has {num_labels}")
+
+    train_loader = make_loader(cfg, cfg.data.train_split, train=True, dist_info=dist_info,
+                               batch_size=cfg.data.batch_size)
+    eval_loader = make_loader(cfg, cfg.data.test_split, train=False, dist_info=dist_info,
+                              batch_size=cfg.data.eval_batch_size)
+    steps_per_epoch = train_loader.batches_per_epoch
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} × {dist_info.world_size} ranks exceeds the "
+                         f"{num_train} training samples: no full batch per epoch")
+
+    # ---- loss and the stores it needs
+    loss_options = dict(cfg.loss.options)
+    batch_stats = loss_options.pop("batch_stats", "global")
+    if batch_stats not in ("global", "local"):
+        raise ValueError(f"loss.options.batch_stats must be 'global' or 'local', got {batch_stats!r}")
+    if cfg.loss.name == "paper":
+        loss_options.setdefault("seed", cfg.run.seed)
+    loss_fn = build_loss(cfg.loss.name, **loss_options)
+    store_dir = Path(cfg.pseudo.dir) if cfg.pseudo.dir else run_dir
+    per_node = cfg.pseudo.sync == "affinity"
+    if per_node and cfg.data.affinity != "shard":
+        raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
+    stores = {}
+    if dist_info.is_local_main:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True)
+    barrier()
+    pseudo_store = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
+    stores["pseudo"] = pseudo_store
+    role_store = None
+    if cfg.loss.name == "role":
+        if dist_info.is_local_main:
+            RoleEstimates(store_dir / "role.f32", num_train, num_labels, init_observed=observed, seed=cfg.run.seed)
+        barrier()
+        role_store = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
+        stores["role"] = role_store
+    k_expected = expected_positives(full_train)
+
+    # ---- model and engine
+    model = build_model(cfg.model.name, num_labels, pretrained=cfg.model.pretrained,
+                        channels_last=cfg.model.channels_last, head_dropout=cfg.model.head_dropout)
+    optimizer = make_optimizer(cfg, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    ds_config = deepspeed_config(cfg, world_size=dist_info.world_size)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    if cfg.model.compile:
+        engine.compile()
+    in_dtype = DTYPES[cfg.model.dtype]
+
+    # ---- resume
+    state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
+    if cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists():
+        client = checkpoint.load(engine, ckpt_dir, stores=stores, dist_info=dist_info, per_node=per_node)
+        state.update({k: client[k] for k in state if k in client})
+        if dist_info.is_main:
+            print(f"[pml-scale] resumed from {ckpt_dir} at epoch {state['epoch']} batch {state['batch']}", flush=True)
+
+    tracker = Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.log.tensorboard if hasattr(cfg, "log") else True)
+    ckpt_every = int(getattr(cfg.run, "checkpoint_every_steps", 0) or 0)
+    summary = None
+    try:
+        for epoch in range(state["epoch"], cfg.run.epochs):
+            start_batch = state["batch"] if epoch == state["epoch"] else 0
+            train_loader.set_epoch(epoch, start_batch=start_batch)
+            bar = tracker.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
+            t_last, n_imgs, shares = time.perf_counter(), 0, {}
+            t_prev = time.perf_counter()
+            for batch in train_loader:
+                _share(shares, "loader", t_prev)
+                stats = train_step(engine, batch, loss_fn, observed=observed, pseudo_store=pseudo_store,
+                                   role_store=role_store, cfg=cfg, epoch=epoch, in_dtype=in_dtype,
+                                   batch_stats=batch_stats, k_expected=k_expected, per_node=per_node,
+                                   shares=shares)
+                state["global_step"] += 1
+                state["batch"] = batch.index + 1
+                n_imgs += int(batch.valid.sum()) * dist_info.world_size
+                bar.update(1)
+                if state["global_step"] % cfg.run.log_every == 0 or state["batch"] == steps_per_epoch:
+                    now = time.perf_counter()
+                    img_s = n_imgs / max(now - t_last, 1e-9)
+                    t_last, n_imgs = now, 0
+                    lr = scheduler.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", a=f"{stats.get('alpha', 0):.3f}",
+                                    b=f"{stats.get('beta', 0):.3f}", d=f"{stats.get('d', 0):.2f}",
+                                    p2=f"{stats.get('p2_share', 0):.2f}", img_s=f"{img_s:.0f}", refresh=False)
+                    tracker.log("train", state["global_step"], epoch=epoch, lr=lr, img_s=img_s,
+                                skipped=train_loader.skipped, **stats)
+                if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < steps_per_epoch:
+                    checkpoint.save(engine, ckpt_dir, f"step{state['global_step']}", dict(state),
+                                    stores=stores, dist_info=dist_info, per_node=per_node)
+                t_prev = time.perf_counter()
+            bar.close()
+            state["epoch"], state["batch"] = epoch + 1, 0
+            total_time = sum(shares.values())
+            if total_time > 0:
+                tracker.log("time_share", state["global_step"], epoch=epoch,
+                            **{k: v / total_time for k, v in shares.items()})
+
+            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs:
+                state["last_map"] = evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg,
+                                                   epoch, num_labels, tracker, run_dir, dist_info, state)
+            checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1}", dict(state), stores=stores,
+                            dist_info=dist_info, per_node=per_node)
+
+        summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
+                   "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
+                   "dataset": manifest.get("source", {}).get("format", Path(cfg.data.root).name)
+                   if isinstance(manifest.get("source"), dict) else Path(cfg.data.root).name,
+                   "world_size": dist_info.world_size, "skipped_samples": train_loader.skipped,
+                   "wall_s": time.time() - t_start}
+        if dist_info.is_main:
+            atomic_write_json(run_dir / "summary.json", summary)
+            print(f"[pml-scale] {cfg.run.name}: final mAP {100 * (summary['final_map'] or 0):.2f}  "
+                  f"best {100 * summary['best_map']:.2f} (epoch {summary['best_epoch']})  "
+                  f"{summary['wall_s']:.0f} s", flush=True)
+    finally:
+        tracker.close()
+        train_loader.close()
+        eval_loader.close()
+    return summary
+
+
+def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cfg, epoch, in_dtype, batch_stats,
+               k_expected, per_node, shares) -> dict:
+    """One optimisation step; returns scalar stats for logging. Rows with valid=False (replacements of
+    corrupt samples) take no part in the loss, the batch statistics or the stores."""
+    tick = time.perf_counter()
+    device = batch.images.device
+    ids_cpu = batch.ids.cpu().numpy()
+    states = torch.from_numpy(observed.gather(ids_cpu)).to(device, non_blocking=True)
+    pseudo = pseudo_store.gather(batch.ids)
+    valid = batch.valid
+    n_valid = int(valid.sum())
+    counts = torch.tensor([float(((states == POS) & valid[:, None]).sum()), float(n_valid * states.shape[1])],
+                          dtype=torch.float64, device=device)
+    if batch_stats == "global":
+        counts = all_reduce_sum(counts)
+    estimates = None
+    if role_store is not None:
+        estimates = role_store.gather(batch.ids)[valid].detach().requires_grad_(True)
+    tock = _share(shares, "labels", tick)
+
+    logits = engine(batch.images.to(in_dtype))
+    tock = _share(shares, "forward", tock)
+    out = loss_fn(LossInputs(logits=logits[valid], states=states[valid], sample_ids=batch.ids[valid], epoch=epoch,
+                             total_epochs=cfg.run.epochs, pseudo=pseudo[valid], estimates=estimates,
+                             batch_counts=(float(counts[0]), float(counts[1])), expected_positives=k_expected))
+    tock = _share(shares, "loss", tock)
+    engine.backward(out.loss)
+    engine.step()
+    tock = _share(shares, "backward_step", tock)
+
+    # store updates: missing entries only; every rank writes every rank's rows unless shard affinity
+    yhat = torch.zeros(states.shape, dtype=torch.float32, device=device)
+    yhat[valid] = out.yhat.float()
+    if per_node:
+        upd_ids, upd_yhat = batch.ids[valid], yhat[valid]
+    else:
+        upd_ids, upd_yhat = allgather_updates(batch.ids, yhat, valid)
+    upd_states = torch.from_numpy(observed.gather(upd_ids.cpu().numpy())).to(upd_yhat.device)
+    pseudo_store.scatter(upd_ids, upd_yhat, mask=upd_states == MISSING, momentum=cfg.pseudo.momentum)
+    if role_store is not None and estimates.grad is not None:
+        lr = engine.get_lr()[0] * cfg.optim.role_lr_multiplier
+        new_rows = torch.zeros(states.shape, dtype=torch.float32, device=device)
+        new_rows[valid] = (estimates - lr * estimates.grad).detach()
+        if per_node:
+            r_ids, r_rows = batch.ids[valid], new_rows[valid]
+        else:
+            r_ids, r_rows = allgather_updates(batch.ids, new_rows, valid)
+        role_store.scatter(r_ids, r_rows)
+    _share(shares, "stores", tock)
+    stats = {"loss": float(out.loss.detach())}
+    stats.update({k: float(v) for k, v in out.stats.items()})
+    return stats
+
+
+def _share(shares: dict, name: str, since: float) -> float:
+    now = time.perf_counter()
+    shares[name] = shares.get(name, 0.0) + (now - since)
+    return now
+
+
+def evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg, epoch, num_labels, tracker, run_dir,
+                   dist_info, state) -> float:
+    bar = tracker.progress(eval_loader.batches_per_epoch, "eval")
+    scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar)
+    bar.close()
+    result = None
+    if dist_info.is_main:
+        (m_ap, per_class), n = score(scores, ids, test_labels, partial=cfg.eval.partial)
+        tracker.log("eval", state["global_step"], epoch=epoch, map=float(m_ap),
+                    num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
+        print(f"[pml-scale] epoch {epoch + 1}: mAP {100 * m_ap:.2f} on {n} test images", flush=True)
+        if cfg.eval.save_per_class:
+            freq = np.zeros(num_labels, np.int64)
+            for start in range(0, full_train.shape[0], 65536):
+                freq += (np.asarray(full_train[start:start + 65536]) == POS).sum(0)
+            atomic_write_json(run_dir / "per_class_ap.json", {
+                "epoch": epoch, "ap": [None if not np.isfinite(a) else float(a) for a in per_class],
+                "class_freq": freq.tolist(), "classes": manifest["classes"]})
+        if m_ap > state["best_map"]:
+            state["best_map"], state["best_epoch"] = float(m_ap), epoch
+            tmp = run_dir / ".best.pt.tmp"
+            torch.save(engine.module.state_dict(), tmp)
+            os.replace(tmp, run_dir / "best.pt")
+        result = float(m_ap)
+    result = broadcast_object(result)
+    state.update(broadcast_object({"best_map": state["best_map"], "best_epoch": state["best_epoch"]}))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(config_path, overrides)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
