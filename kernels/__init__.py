@@ -1,1 +1,10 @@
-"""Triton kernels, shipped as ``pml_scale.kernels`` (a PyPI package named ``kernels`` exists)."""
+"""Triton kernels, shipped as ``pml_scale.kernels`` (a PyPI package named ``kernels`` exists).
+
+A leaf package: it imports torch and triton only, never the rest of ``pml_scale``.
+"""
+
+from .ops import FusedPartialLabelLoss, fused_partial_label_loss
+from .partial_label import launch_key, partial_label_forward, pick_threshold
+
+__all__ = ["FusedPartialLabelLoss", "fused_partial_label_loss", "launch_key", "partial_label_forward",
+           "pick_threshold"]
