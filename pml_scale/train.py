@@ -137,6 +137,9 @@ def make_optimizer(cfg, params):
 def run(cfg) -> dict:
     """Train and evaluate one configuration; returns the summary written to summary.json."""
     t_start = time.time()
+    if not cfg.data.root:
+        raise ValueError("data.root is not set: point it at a dataset folder made by `pml-shard convert` "
+                         "(or set data.build_demo=true to build the embedded demo dataset there)")
     dist_info = setup_distributed()
     disable_deepspeed_cpu_shm_op()
     import deepspeed
@@ -220,8 +223,8 @@ def run(cfg) -> dict:
         if dist_info.is_main:
             print(f"[pml-scale] resumed from {ckpt_dir} at epoch {state['epoch']} batch {state['batch']}", flush=True)
 
-    tracker = Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.log.tensorboard if hasattr(cfg, "log") else True)
-    ckpt_every = int(getattr(cfg.run, "checkpoint_every_steps", 0) or 0)
+    tracker = Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard)
+    ckpt_every = cfg.run.checkpoint_every_steps
     summary = None
     try:
         for epoch in range(state["epoch"], cfg.run.epochs):
@@ -235,7 +238,7 @@ def run(cfg) -> dict:
                 stats = train_step(engine, batch, loss_fn, observed=observed, pseudo_store=pseudo_store,
                                    role_store=role_store, cfg=cfg, epoch=epoch, in_dtype=in_dtype,
                                    batch_stats=batch_stats, k_expected=k_expected, per_node=per_node,
-                                   shares=shares)
+                                   writer=per_node or dist_info.is_local_main, shares=shares, debug_tag=f"{state['global_step'] + 1}-{dist_info.rank}")
                 state["global_step"] += 1
                 state["batch"] = batch.index + 1
                 n_imgs += int(batch.valid.sum()) * dist_info.world_size
@@ -252,7 +255,8 @@ def run(cfg) -> dict:
                                 skipped=train_loader.skipped, **stats)
                 if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < steps_per_epoch:
                     checkpoint.save(engine, ckpt_dir, f"step{state['global_step']}", dict(state),
-                                    stores=stores, dist_info=dist_info, per_node=per_node)
+                                    stores=stores, dist_info=dist_info, per_node=per_node,
+                                    keep=cfg.run.keep_checkpoints)
                 t_prev = time.perf_counter()
             bar.close()
             state["epoch"], state["batch"] = epoch + 1, 0
@@ -265,7 +269,7 @@ def run(cfg) -> dict:
                 state["last_map"] = evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg,
                                                    epoch, num_labels, tracker, run_dir, dist_info, state)
             checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1}", dict(state), stores=stores,
-                            dist_info=dist_info, per_node=per_node)
+                            dist_info=dist_info, per_node=per_node, keep=cfg.run.keep_checkpoints)
 
         summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
                    "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
@@ -286,7 +290,7 @@ def run(cfg) -> dict:
 
 
 def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cfg, epoch, in_dtype, batch_stats,
-               k_expected, per_node, shares) -> dict:
+               k_expected, per_node, writer, shares, debug_tag: str = "") -> dict:
     """One optimisation step; returns scalar stats for logging. Rows with valid=False (replacements of
     corrupt samples) take no part in the loss, the batch statistics or the stores."""
     tick = time.perf_counter()
@@ -322,6 +326,7 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
         upd_ids, upd_yhat = batch.ids[valid], yhat[valid]
     else:
         upd_ids, upd_yhat = allgather_updates(batch.ids, yhat, valid)
+    _debug_dump(debug_tag, batch.ids[valid], yhat[valid])
     upd_states = torch.from_numpy(observed.gather(upd_ids.cpu().numpy())).to(upd_yhat.device)
     pseudo_store.scatter(upd_ids, upd_yhat, mask=upd_states == MISSING, momentum=cfg.pseudo.momentum)
     if role_store is not None and estimates.grad is not None:
@@ -332,11 +337,21 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
             r_ids, r_rows = batch.ids[valid], new_rows[valid]
         else:
             r_ids, r_rows = allgather_updates(batch.ids, new_rows, valid)
-        role_store.scatter(r_ids, r_rows)
+        if writer:
+            role_store.scatter(r_ids, r_rows)
     _share(shares, "stores", tock)
     stats = {"loss": float(out.loss.detach())}
     stats.update({k: float(v) for k, v in out.stats.items()})
     return stats
+
+
+def _debug_dump(tag: str, ids: torch.Tensor, yhat: torch.Tensor) -> None:
+    """Test hook: with PML_DEBUG_DUMP_UPDATES=dir, each rank saves the (ids, ŷ) it computed per step,
+    so a test can check the pseudo-label store against what every rank really produced."""
+    folder = os.environ.get("PML_DEBUG_DUMP_UPDATES")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        np.savez(Path(folder) / f"step-{tag}.npz", ids=ids.cpu().numpy(), yhat=yhat.cpu().numpy())
 
 
 def _share(shares: dict, name: str, since: float) -> float:

@@ -90,7 +90,7 @@ def _simple(fn, **fixed) -> Callable[..., LossFn]:
 
 
 def _build_paper(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text", seed=0,
-                 backend="torch", use_alpha_beta=True, use_d=True, use_p=True, use_q=True,
+                 backend="auto", use_alpha_beta=True, use_d=True, use_p=True, use_q=True,
                  validate=True) -> LossFn:
     check_paper_options(q, gamma, m, p_threshold, d_schedule, p_rule, backend)
     kw = dict(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule, seed=seed,

@@ -1,0 +1,477 @@
+"""Per-sample label state indexed by sample id: pseudo labels, ROLE estimates, observed labels.
+
+Why memory maps by id: a sample is trained by whichever rank its shard lands on, at a random
+position of an epoch; its pseudo label must still come from its previous visit. An N x L array
+on node-local disk, addressed by the sample id carried in every shard, gives that with O(B x L)
+work per step and no host RAM beyond the page cache of the rows touched.
+
+Sizes (what grows with N, L, ranks):
+  PseudoLabelStore   N x L x 2 bytes logical, created instantly as a sparse file (zero bytes
+                     mean y~ = 0.5, DESIGN.md section 2); disk use grows as rows are written.
+                     5.6M x 600 -> 6.7 GB; 5.6M x 10k -> 112 GB (use pseudo.sync=affinity and
+                     per-node subsets, or fewer labels, at that scale).
+  RoleEstimates      N x L x 4 bytes, dense (its initial values are random), written once at
+                     creation in 1024-row blocks.
+  allgather_updates  per step every rank receives world x B x (8 + L x wire bytes); every rank
+                     then writes every update into its own node-local store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write_json
+
+STORE_FORMAT = "pml-scale-store"
+STORE_VERSION = 1
+COPY_CHUNK = 1 << 20  # bytes; all-zero chunks of this size stay holes in copies
+ROLE_BLOCK_ROWS = 1024  # the ROLE initialisation draws one RNG stream per block of rows
+
+# ROLE (Cole et al. 2021, official code): missing entries uniform in logit space on
+# [logit(0.4), logit(0.6)], observed positives at logit(0.995), observed negatives at logit(0.005).
+ROLE_INIT_WIDTH = float(np.log(0.6 / 0.4))
+ROLE_POS_LOGIT = float(np.log(0.995 / 0.005))
+ROLE_NEG_LOGIT = -ROLE_POS_LOGIT
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_dims(num_samples, num_labels) -> tuple[int, int]:
+    for name, v in (("num_samples", num_samples), ("num_labels", num_labels)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(num_samples), int(num_labels)
+
+
+def _ids_numpy(ids, num_samples: int, where: str) -> np.ndarray:
+    """Sample ids (torch/numpy/list) -> 1-D int64 numpy, range-checked."""
+    if torch.is_tensor(ids):
+        ids = ids.detach().cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"{where}: ids must be a 1-D integer tensor of sample ids, got {ids.dtype} shape {ids.shape}")
+    ids = ids.astype(np.int64, copy=False)
+    bad = (ids < 0) | (ids >= num_samples)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise IndexError(f"{where}: ids[{k}] = {int(ids[k])} out of range [0, {num_samples})")
+    return ids
+
+
+def _rows_numpy(values, shape: tuple[int, int], name: str, where: str) -> np.ndarray:
+    if torch.is_tensor(values):
+        values = values.detach().to("cpu", torch.float32).numpy()
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != shape:
+        raise ValueError(f"{where}: {name} must have shape {shape} (ids x labels), got {values.shape}")
+    return values
+
+
+def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique ids, row of each one's last occurrence): repeated ids, last wins."""
+    rev = ids[::-1]
+    uniq, first_in_rev = np.unique(rev, return_index=True)
+    return uniq, ids.size - 1 - first_in_rev
+
+
+def _data_extents(fd: int, size: int):
+    """(start, end) byte ranges that may hold data; holes are skipped where the OS says so."""
+    if not hasattr(os, "SEEK_DATA"):
+        yield 0, size
+        return
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                return
+            yield pos, size  # SEEK_DATA unsupported here: copy the rest, skipping zero chunks
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+def sparse_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomically copy ``src`` to ``dst``, leaving all-zero 1 MiB chunks as holes.
+
+    Reads only the data extents of ``src`` (SEEK_DATA/SEEK_HOLE), so copying a fresh store of
+    any size is instant; time and disk grow with the bytes actually written.
+    """
+    src, dst = Path(src), Path(dst)
+    size = src.stat().st_size
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            fo.truncate(size)
+            for start, end in _data_extents(fi.fileno(), size):
+                pos = start - start % COPY_CHUNK
+                while pos < end:
+                    n = min(COPY_CHUNK, size - pos)
+                    fi.seek(pos)
+                    buf = fi.read(n)
+                    if np.frombuffer(buf, dtype=np.uint8).any():
+                        fo.seek(pos)
+                        fo.write(buf)
+                    pos += n
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class _RowStore:
+    """An N x L memmap file plus a JSON header sidecar (``<file>.json``) checked on open."""
+
+    KIND = ""
+    DTYPE = np.dtype(np.float32)
+    ENCODING = ""
+
+    def __init__(self, path, num_samples, num_labels, *, create: bool, init=None):
+        self.num_samples, self.num_labels = _check_dims(num_samples, num_labels)
+        self.path = Path(path)
+        self.nbytes = self.num_samples * self.num_labels * self.DTYPE.itemsize
+        if not self.path.exists():
+            if not create:
+                raise FileNotFoundError(f"{self.KIND} store {self.path} does not exist (opened with create=False)")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.header_path(self.path), self._header())
+            self._create(init)
+        self.check_file(self.path)
+        self._open()
+
+    # -- files
+    @staticmethod
+    def header_path(path: str | os.PathLike) -> Path:
+        path = Path(path)
+        return path.with_name(path.name + ".json")
+
+    def _header(self) -> dict:
+        return {"format": STORE_FORMAT, "version": STORE_VERSION, "kind": self.KIND,
+                "shape": [self.num_samples, self.num_labels], "dtype": self.DTYPE.name,
+                "byte_order": "little", "encoding": self.ENCODING}
+
+    def check_file(self, path: str | os.PathLike) -> None:
+        """Raise a clear error unless ``path`` + header is a store of this kind and shape."""
+        path = Path(path)
+        hp = self.header_path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{self.KIND} store file {path} does not exist")
+        if not hp.exists():
+            raise ValueError(f"{path}: header {hp.name} is missing (incomplete or foreign file); "
+                             f"delete {path} to start a fresh store")
+        try:
+            header = json.loads(hp.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{hp}: unreadable store header ({e})") from None
+        want = self._header()
+        for key in ("format", "version", "kind", "dtype", "encoding"):
+            if header.get(key) != want[key]:
+                raise ValueError(f"{hp}: {key} is {header.get(key)!r}, expected {want[key]!r} "
+                                 f"(not a {self.KIND} store of this version)")
+        if list(header.get("shape", [])) != want["shape"]:
+            raise ValueError(f"{hp}: store shape {header.get('shape')} does not match the expected "
+                             f"{want['shape']} (num_samples x num_labels); is it from another dataset "
+                             f"or label set?")
+        size = path.stat().st_size
+        if size != self.nbytes:
+            raise ValueError(f"{path}: {size} bytes, expected {self.nbytes} for shape {want['shape']} "
+                             f"{self.DTYPE.name}; the file is truncated or corrupt")
+
+    def _create(self, init) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(self.nbytes)  # sparse: no blocks allocated, reads as zeros
+            if init is not None:
+                mm = np.memmap(tmp, dtype=self.DTYPE, mode="r+", shape=(self.num_samples, self.num_labels))
+                init(mm)
+                mm.flush()
+                del mm
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _open(self) -> None:
+        self._mm = np.memmap(self.path, dtype=self.DTYPE, mode="r+", shape=(self.num_samples, self.num_labels))
+
+    # -- persistence
+    def flush(self) -> None:
+        """Push dirty pages to the file (the page cache already serves other readers)."""
+        self._mm.flush()
+
+    def snapshot(self, dst_path: str | os.PathLike) -> None:
+        """Atomic copy of the store (and its header) to ``dst_path``; holes stay holes."""
+        dst = Path(dst_path)
+        self.flush()
+        sparse_copy(self.path, dst)
+        atomic_write_json(self.header_path(dst), self._header())
+
+    def restore(self, src_path: str | os.PathLike) -> None:
+        """Replace the store's contents with the snapshot at ``src_path`` (checked first)."""
+        src = Path(src_path)
+        self.check_file(src)
+        self.flush()
+        sparse_copy(src, self.path)  # atomic rename: a kill leaves the old store whole
+        self._open()
+
+    def _read_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows for ids in any order, read in sorted order for locality."""
+        order = np.argsort(ids, kind="stable")
+        out = np.empty((ids.size, self.num_labels), dtype=self.DTYPE)
+        out[order] = self._mm[ids[order]]
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {self.num_samples}, {self.num_labels})"
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+class PseudoLabelStore(_RowStore):
+    """Pseudo labels y~ (DESIGN.md section 1, Eq. 5), stored as float16 y~ - 0.5 so that a fresh
+    sparse file reads as y~ = 0.5 everywhere. Precision: 2**-12 absolute near y~ = 0 or 1."""
+
+    KIND = "pseudo"
+    DTYPE = np.dtype(np.float16)
+    ENCODING = "yhat_minus_half"
+
+    def __init__(self, path, num_samples, num_labels, *, create: bool = True):
+        super().__init__(path, num_samples, num_labels, create=create)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 (B, L) pseudo labels of ``ids`` (repeats allowed), on ``ids.device``."""
+        ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
+        rows = self._read_rows(ids_np).astype(np.float32)
+        rows += 0.5
+        out = torch.from_numpy(rows)
+        return out.to(ids.device) if torch.is_tensor(ids) else out
+
+    def scatter(self, ids: torch.Tensor, yhat: torch.Tensor, mask: torch.Tensor | None = None,
+                momentum: float = 0.0) -> None:
+        """y~ <- momentum * y~ + (1 - momentum) * yhat for the rows ``ids``.
+
+        ``mask`` (B, L) bool: only True entries change (the caller passes "missing"). An id
+        that repeats is written once, from its last row (its mask row included). The update
+        works in the stored encoding, so entries left unchanged keep their exact bits.
+        """
+        where = f"{self.path}: scatter"
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
+        ids_np = _ids_numpy(ids, self.num_samples, where)
+        shape = (ids_np.size, self.num_labels)
+        values = _rows_numpy(yhat, shape, "yhat", where)
+        if not ((values >= 0.0) & (values <= 1.0)).all():
+            raise ValueError(f"{where}: yhat must be probabilities in [0, 1] (sigmoid outputs); "
+                             f"got min {np.nanmin(values) if values.size else 0}, NaN: {bool(np.isnan(values).any())}")
+        mask_np = None
+        if mask is not None:
+            mask_np = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+            if mask_np.shape != shape or mask_np.dtype != np.bool_:
+                raise ValueError(f"{where}: mask must be bool of shape {shape}, got {mask_np.dtype} {mask_np.shape}")
+        if ids_np.size == 0:
+            return
+        uniq, rows = _last_occurrence(ids_np)
+        enc = values[rows] - np.float32(0.5)
+        if momentum or mask_np is not None:
+            old = self._mm[uniq].astype(np.float32)
+            if momentum:
+                enc = np.float32(momentum) * old + np.float32(1.0 - momentum) * enc
+            if mask_np is not None:
+                enc = np.where(mask_np[rows], enc, old)
+        self._mm[uniq] = enc.astype(np.float16)
+
+
+# ----------------------------------------------------------------------------- ROLE
+
+
+def _observed_block(source, start: int, stop: int) -> np.ndarray:
+    if isinstance(source, ObservedLabelSource):
+        return source.gather_numpy(np.arange(start, stop))
+    if isinstance(source, np.ndarray):
+        return np.asarray(source[start:stop])
+    return np.asarray(source.gather(np.arange(start, stop)))
+
+
+class RoleEstimates(_RowStore):
+    """ROLE's learnable label-estimate matrix (logits), N x L float32, by sample id.
+
+    Created once (dense, random) when the file is absent; reopened as is otherwise, so a
+    resumed run keeps its estimates. ``init_observed`` (N x L int8 states, an
+    ``ObservedLabels`` or an ``ObservedLabelSource``) pins observed entries as ROLE's code does.
+    The initial values depend only on (seed, sample id block), not on the machine.
+    """
+
+    KIND = "role"
+    DTYPE = np.dtype(np.float32)
+    ENCODING = "logit"
+
+    def __init__(self, path, num_samples, num_labels, init_observed=None, seed: int = 0, *,
+                 create: bool = True):
+        n, num_l = _check_dims(num_samples, num_labels)
+        if init_observed is not None:
+            shape = (getattr(init_observed, "num_samples", None), getattr(init_observed, "num_labels", None))
+            if isinstance(init_observed, np.ndarray):
+                shape = init_observed.shape
+            if tuple(shape) != (n, num_l):
+                raise ValueError(f"RoleEstimates {path}: init_observed has shape {tuple(shape)}, expected {(n, num_l)}")
+        self.seed = int(seed)
+
+        def init(mm: np.ndarray) -> None:
+            for b, start in enumerate(range(0, n, ROLE_BLOCK_ROWS)):
+                stop = min(start + ROLE_BLOCK_ROWS, n)
+                rng = np.random.default_rng(np.random.SeedSequence([self.seed, b]))
+                block = rng.uniform(-ROLE_INIT_WIDTH, ROLE_INIT_WIDTH, size=(stop - start, num_l)).astype(np.float32)
+                if init_observed is not None:
+                    states = _observed_block(init_observed, start, stop)
+                    block[states == 1] = ROLE_POS_LOGIT
+                    block[states == 0] = ROLE_NEG_LOGIT
+                mm[start:stop] = block
+
+        super().__init__(path, n, num_l, create=create, init=init)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 (B, L) logits of ``ids``, on ``ids.device``."""
+        ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
+        out = torch.from_numpy(self._read_rows(ids_np))
+        return out.to(ids.device) if torch.is_tensor(ids) else out
+
+    def scatter(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the rows ``ids`` with ``values`` (B, L) logits; repeated ids: last wins."""
+        where = f"{self.path}: scatter"
+        ids_np = _ids_numpy(ids, self.num_samples, where)
+        vals = _rows_numpy(values, (ids_np.size, self.num_labels), "values", where)
+        if not np.isfinite(vals).all():
+            raise ValueError(f"{where}: values must be finite logits")
+        if ids_np.size == 0:
+            return
+        uniq, rows = _last_occurrence(ids_np)
+        self._mm[uniq] = vals[rows]
+
+
+# ----------------------------------------------------------------------------- observed labels
+
+
+class ObservedLabelSource:
+    """Observed int8 states (1 / 0 / -1) by sample id as torch tensors on a device.
+
+    Wraps ``pml_scale.labels.ObservedLabels`` (dense memmap or CSR) or a plain (N, L) array.
+    """
+
+    def __init__(self, source):
+        if isinstance(source, np.ndarray):
+            if source.ndim != 2:
+                raise ValueError(f"observed labels must be a 2-D (N, L) array, got shape {source.shape}")
+            if source.dtype != np.int8:
+                if source.dtype.kind not in "iu":
+                    raise ValueError(f"observed labels must be int8 states 1/0/-1, got dtype {source.dtype}")
+                bad = ~np.isin(source, (-1, 0, 1))
+                if bad.any():
+                    r, c = np.argwhere(bad)[0]
+                    raise ValueError(f"observed labels: value {source[r, c]} at [{r}, {c}]; accepted 1, 0, -1")
+                source = source.astype(np.int8)
+            self._array, self._labels = source, None
+            self.num_samples, self.num_labels = int(source.shape[0]), int(source.shape[1])
+        elif all(hasattr(source, a) for a in ("gather", "num_samples", "num_labels")):
+            self._array, self._labels = None, source
+            self.num_samples, self.num_labels = int(source.num_samples), int(source.num_labels)
+        else:
+            raise TypeError(f"ObservedLabelSource needs an (N, L) int8 array or an ObservedLabels, "
+                            f"got {type(source).__name__}")
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "ObservedLabelSource":
+        """Open an observed-label file (dense .npy or CSR) written by the label-missing tool."""
+        from .labels import ObservedLabels
+
+        return cls(ObservedLabels.load(path))
+
+    def gather_numpy(self, ids) -> np.ndarray:
+        ids_np = _ids_numpy(ids, self.num_samples, "ObservedLabelSource.gather")
+        if self._array is not None:
+            order = np.argsort(ids_np, kind="stable")
+            out = np.empty((ids_np.size, self.num_labels), dtype=np.int8)
+            out[order] = self._array[ids_np[order]]
+            return out
+        return np.asarray(self._labels.gather(ids_np), dtype=np.int8)
+
+    def gather(self, ids: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """int8 (B, L) states of ``ids`` on ``device`` (default: ``ids.device``)."""
+        out = torch.from_numpy(self.gather_numpy(ids))
+        if device is None:
+            device = ids.device if torch.is_tensor(ids) else "cpu"
+        return out.to(device)
+
+
+# ----------------------------------------------------------------------------- multi-rank
+
+
+def allgather_updates(ids: torch.Tensor, yhat: torch.Tensor, valid: torch.Tensor, group=None, *,
+                      wire_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's valid (id, row) updates, concatenated in rank order, on every rank.
+
+    Each rank then scatters all of them into its own node-local store, so any rank can train
+    any sample next epoch and all stores stay identical (same rows, same order: a repeated id
+    resolves to the highest rank's row everywhere). Traffic per step: every rank receives
+    world x B_max x (8 + L x wire bytes), i.e. B x L x 2 bytes x world with
+    ``wire_dtype=torch.float16`` (right for pseudo labels, stored as fp16 anyway; keep the
+    default, the values' own dtype, for ROLE logits whose small updates fp16 would round away).
+    Ranks may hold different batch sizes. Without an initialised process group this returns
+    the local valid rows.
+    """
+    import torch.distributed as dist
+
+    if ids.ndim != 1 or yhat.ndim != 2 or yhat.shape[0] != ids.shape[0] or valid.shape != ids.shape:
+        raise ValueError(f"allgather_updates: need ids (B,), yhat (B, L), valid (B,); got {tuple(ids.shape)}, "
+                         f"{tuple(yhat.shape)}, {tuple(valid.shape)}")
+    out_dtype = yhat.dtype
+    wire = wire_dtype or yhat.dtype
+    sel = valid.to(device=ids.device, dtype=torch.bool)
+    device = yhat.device
+    loc_ids = ids[sel].to(device=device, dtype=torch.int64)
+    loc_val = yhat[sel.to(device)].to(wire)
+    if not (dist.is_available() and dist.is_initialized()):
+        return loc_ids, loc_val.to(out_dtype)
+    world = dist.get_world_size(group)
+    n_l = yhat.shape[1]
+    meta = torch.tensor([loc_ids.numel(), n_l], dtype=torch.int64, device=device)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    metas = torch.stack(metas).cpu()
+    if (metas[:, 1] != n_l).any():
+        raise ValueError(f"allgather_updates: ranks disagree on the number of labels: {metas[:, 1].tolist()}")
+    counts = metas[:, 0].tolist()
+    m = max(counts)
+    if m == 0:
+        return loc_ids[:0], loc_val[:0].to(out_dtype)
+    pad_ids = torch.zeros(m, dtype=torch.int64, device=device)
+    pad_val = torch.zeros((m, n_l), dtype=wire, device=device)
+    pad_ids[: loc_ids.numel()] = loc_ids
+    pad_val[: loc_ids.numel()] = loc_val
+    all_ids = torch.empty(world * m, dtype=torch.int64, device=device)
+    all_val = torch.empty((world * m, n_l), dtype=wire, device=device)
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(all_ids, pad_ids, group=group)
+        dist.all_gather_into_tensor(all_val, pad_val, group=group)
+    else:  # gloo: list form (views into the flat outputs, no extra copy)
+        dist.all_gather(list(all_ids.view(world, m)), pad_ids, group=group)
+        dist.all_gather(list(all_val.view(world, m, n_l)), pad_val, group=group)
+    keep = torch.cat([torch.arange(r * m, r * m + c, device=device) for r, c in enumerate(counts)])
+    return all_ids[keep], all_val[keep].to(out_dtype)

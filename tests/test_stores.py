@@ -1,0 +1,252 @@
+"""Label stores by sample id: sparse pseudo-label memmap, ROLE estimates, observed labels, all-gather."""
+
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from pml_scale.stores import (
+    ObservedLabelSource,
+    PseudoLabelStore,
+    RoleEstimates,
+    allgather_updates,
+)
+
+FP16_TOL = 2.5e-4  # half an fp16 ulp of values in [-0.5, 0.5]
+
+
+def disk_bytes(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_created_sparse_and_reads_one_half(tmp_path):
+    n, num_l = 200_000, 600  # 240 MB logical
+    store = PseudoLabelStore(tmp_path / "p.f16", n, num_l)
+    assert os.path.getsize(tmp_path / "p.f16") == n * num_l * 2
+    assert disk_bytes(tmp_path / "p.f16") < 1 << 20
+    out = store.gather(torch.tensor([0, 7, n - 1, 7]))
+    assert out.dtype == torch.float32 and out.shape == (4, num_l)
+    assert torch.equal(out, torch.full((4, num_l), 0.5))
+    header = json.loads((tmp_path / "p.f16.json").read_text())
+    assert header["shape"] == [n, num_l] and header["dtype"] == "float16"
+    # touching a few rows allocates a few pages, not the file
+    store.scatter(torch.tensor([3, n // 2]), torch.rand(2, num_l))
+    store.flush()
+    assert disk_bytes(tmp_path / "p.f16") < 1 << 20
+
+
+def test_scatter_gather_round_trip_momentum_mask_repeats(tmp_path):
+    rng = np.random.default_rng(0)
+    n, num_l = 50, 9
+    store = PseudoLabelStore(tmp_path / "p.f16", n, num_l)
+    ref = np.full((n, num_l), 0.5)
+    ids = np.array([4, 17, 0, 49])
+    y1 = rng.random((4, num_l))
+    store.scatter(torch.from_numpy(ids), torch.from_numpy(y1).float())
+    ref[ids] = y1
+    np.testing.assert_allclose(store.gather(torch.from_numpy(ids)).numpy(), y1, atol=FP16_TOL)
+    # momentum 0.75 and a mask: only masked entries blend, others keep their exact stored bits
+    before = store.gather(torch.arange(n)).numpy()
+    y2 = rng.random((4, num_l))
+    mask = rng.random((4, num_l)) < 0.5
+    store.scatter(torch.from_numpy(ids), torch.from_numpy(y2), mask=torch.from_numpy(mask), momentum=0.75)
+    after = store.gather(torch.arange(n)).numpy()
+    expect = before.copy()
+    expect[ids] = np.where(mask, 0.75 * before[ids] + 0.25 * y2, before[ids])
+    np.testing.assert_allclose(after, expect, atol=FP16_TOL)
+    assert np.array_equal(after[ids][~mask], before[ids][~mask])  # bit-exact where untouched
+    untouched = np.setdiff1d(np.arange(n), ids)
+    assert np.all(after[untouched] == 0.5)
+    # repeated ids: the last row wins
+    y3 = np.stack([np.full(num_l, 0.1), np.full(num_l, 0.9), np.full(num_l, 0.3)])
+    store.scatter(torch.tensor([20, 21, 20]), torch.from_numpy(y3))
+    got = store.gather(torch.tensor([20, 21])).numpy()
+    np.testing.assert_allclose(got, [[0.3] * num_l, [0.9] * num_l], atol=FP16_TOL)
+    # gather keeps the requested order, repeats included
+    np.testing.assert_allclose(store.gather(torch.tensor([21, 20, 21])).numpy()[:, 0], [0.9, 0.3, 0.9], atol=FP16_TOL)
+
+
+def test_bad_arguments_raise_clear_errors(tmp_path):
+    store = PseudoLabelStore(tmp_path / "p.f16", 10, 3)
+    with pytest.raises(IndexError, match=r"ids\[1\] = 10 out of range \[0, 10\)"):
+        store.gather(torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"yhat must have shape \(2, 3\)"):
+        store.scatter(torch.tensor([0, 1]), torch.rand(2, 4))
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
+        store.scatter(torch.tensor([0]), torch.tensor([[0.5, 1.5, 0.2]]))
+    with pytest.raises(ValueError, match="momentum"):
+        store.scatter(torch.tensor([0]), torch.rand(1, 3), momentum=1.0)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        store.scatter(torch.tensor([0]), torch.rand(1, 3), mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="1-D integer"):
+        store.gather(torch.tensor([0.0, 1.0]))
+    with pytest.raises(FileNotFoundError, match="create=False"):
+        PseudoLabelStore(tmp_path / "absent.f16", 10, 3, create=False)
+
+
+def test_header_mismatch_names_the_file(tmp_path):
+    PseudoLabelStore(tmp_path / "p.f16", 10, 3)
+    with pytest.raises(ValueError, match=r"p\.f16\.json.*shape \[10, 3\].*\[10, 4\]"):
+        PseudoLabelStore(tmp_path / "p.f16", 10, 4)
+    with pytest.raises(ValueError, match="kind"):
+        RoleEstimates(tmp_path / "p.f16", 10, 3)
+    (tmp_path / "p.f16.json").unlink()
+    with pytest.raises(ValueError, match="header p.f16.json is missing"):
+        PseudoLabelStore(tmp_path / "p.f16", 10, 3)
+    PseudoLabelStore(tmp_path / "q.f16", 10, 3)
+    with open(tmp_path / "q.f16", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="truncated"):
+        PseudoLabelStore(tmp_path / "q.f16", 10, 3)
+
+
+def test_snapshot_restore_keeps_values_and_sparsity(tmp_path):
+    n, num_l = 100_000, 100
+    store = PseudoLabelStore(tmp_path / "p.f16", n, num_l)
+    ids = torch.tensor([1, 2, 99_999])
+    vals = torch.rand(3, num_l)
+    store.scatter(ids, vals)
+    store.snapshot(tmp_path / "snap.f16")
+    assert disk_bytes(tmp_path / "snap.f16") < 4 << 20  # two 1 MiB data chunks, the rest holes
+    store.scatter(ids, torch.zeros(3, num_l))
+    store.scatter(torch.tensor([500]), torch.ones(1, num_l))
+    store.restore(tmp_path / "snap.f16")
+    np.testing.assert_allclose(store.gather(ids).numpy(), vals.numpy(), atol=FP16_TOL)
+    assert torch.equal(store.gather(torch.tensor([500])), torch.full((1, num_l), 0.5))
+    # a fresh process sees the restored file
+    again = PseudoLabelStore(tmp_path / "p.f16", n, num_l, create=False)
+    assert torch.equal(again.gather(ids), store.gather(ids))
+    other = PseudoLabelStore(tmp_path / "o.f16", n, num_l + 1)
+    with pytest.raises(ValueError, match="snap.f16.json"):
+        other.restore(tmp_path / "snap.f16")
+
+
+def test_role_estimates_init_scatter_snapshot(tmp_path):
+    n, num_l = 2100, 6  # three init blocks of 1024 rows
+    rng = np.random.default_rng(1)
+    states = rng.choice(np.array([-1, 0, 1], dtype=np.int8), size=(n, num_l), p=[0.6, 0.3, 0.1])
+    role = RoleEstimates(tmp_path / "r.f32", n, num_l, init_observed=states, seed=3)
+    logits = role.gather(torch.arange(n)).numpy()
+    assert logits.dtype == np.float32
+    lo, hi = math.log(0.4 / 0.6), math.log(0.6 / 0.4)
+    miss = logits[states == -1]
+    assert miss.min() >= lo and miss.max() <= hi
+    assert abs(miss.mean()) < 0.02 and abs(miss.std() - hi / math.sqrt(3)) < 0.02  # uniform on [lo, hi]
+    np.testing.assert_allclose(logits[states == 1], math.log(0.995 / 0.005), rtol=1e-6)
+    np.testing.assert_allclose(logits[states == 0], math.log(0.005 / 0.995), rtol=1e-6)
+    # same seed -> same file; another seed -> another draw; no init_observed -> all missing-style
+    same = RoleEstimates(tmp_path / "s.f32", n, num_l, init_observed=states, seed=3)
+    assert torch.equal(same.gather(torch.arange(n)), role.gather(torch.arange(n)))
+    plain = RoleEstimates(tmp_path / "t.f32", n, num_l, seed=4).gather(torch.arange(n)).numpy()
+    assert plain.min() >= lo and plain.max() <= hi and not np.allclose(plain[states == -1], miss)
+    # scatter: exact float32, repeated ids last wins; reopen keeps values (no re-init)
+    role.scatter(torch.tensor([5, 9, 5]), torch.tensor([[1.0] * num_l, [2.0] * num_l, [3.0] * num_l]))
+    assert role.gather(torch.tensor([9, 5]))[:, 0].tolist() == [2.0, 3.0]
+    role.snapshot(tmp_path / "snap.f32")
+    role.scatter(torch.tensor([5]), torch.full((1, num_l), -7.0))
+    reopened = RoleEstimates(tmp_path / "r.f32", n, num_l, seed=99)
+    assert reopened.gather(torch.tensor([5]))[0, 0].item() == -7.0
+    reopened.restore(tmp_path / "snap.f32")
+    assert reopened.gather(torch.tensor([5]))[0, 0].item() == 3.0
+    with pytest.raises(ValueError, match="finite"):
+        role.scatter(torch.tensor([0]), torch.full((1, num_l), float("nan")))
+    with pytest.raises(ValueError, match="init_observed has shape"):
+        RoleEstimates(tmp_path / "u.f32", n, num_l + 1, init_observed=states)
+
+
+def test_observed_label_source_dense_and_labels_module(tmp_path):
+    rng = np.random.default_rng(2)
+    arr = rng.integers(-1, 2, size=(30, 5)).astype(np.int8)
+    src = ObservedLabelSource(arr)
+    ids = torch.tensor([29, 0, 3, 0])
+    got = src.gather(ids)
+    assert got.dtype == torch.int8 and got.device == ids.device
+    assert np.array_equal(got.numpy(), arr[[29, 0, 3, 0]])
+    assert (src.num_samples, src.num_labels) == (30, 5)
+    assert np.array_equal(ObservedLabelSource(arr.astype(np.int64)).gather(ids).numpy(), arr[[29, 0, 3, 0]])
+    with pytest.raises(ValueError, match=r"value 2 at \[0, 0\]"):
+        ObservedLabelSource(np.full((2, 2), 2, dtype=np.int32))
+    with pytest.raises(IndexError, match="out of range"):
+        src.gather(torch.tensor([30]))
+    labels = pytest.importorskip("pml_scale.labels")
+    wrapped = ObservedLabelSource(labels.ObservedLabels.from_dense(arr))
+    assert np.array_equal(wrapped.gather(ids).numpy(), arr[[29, 0, 3, 0]])
+    # ROLE init from an ObservedLabels equals init from the array
+    a = RoleEstimates(tmp_path / "a.f32", 30, 5, init_observed=arr, seed=1).gather(torch.arange(30))
+    b = RoleEstimates(tmp_path / "b.f32", 30, 5, init_observed=wrapped, seed=1).gather(torch.arange(30))
+    assert torch.equal(a, b)
+
+
+def test_allgather_without_process_group_returns_local_valid_rows():
+    ids = torch.tensor([3, 1, 2])
+    yhat = torch.rand(3, 4)
+    valid = torch.tensor([True, False, True])
+    out_ids, out_y = allgather_updates(ids, yhat, valid)
+    assert out_ids.tolist() == [3, 2] and torch.equal(out_y, yhat[[0, 2]])
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+N, L = 40, 7
+
+
+def _steps():
+    """Per step, per rank: (ids, yhat, valid, momentum, wire dtype); different batch sizes per rank."""
+    g = torch.Generator().manual_seed(5)
+    s1 = [(torch.tensor([1, 5, 9, 12, 30, 33]), torch.rand(6, L, generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()),
+          (torch.tensor([5, 2, 39, 7]), torch.rand(4, L, generator=g), torch.tensor([1, 1, 1, 1]).bool())]
+    s2 = [(torch.tensor([1, 3, 4]), torch.rand(3, L, generator=g), torch.tensor([1, 1, 1]).bool()),
+          (torch.tensor([2, 8]), torch.rand(2, L, generator=g), torch.tensor([0, 0]).bool())]
+    return [(s1, 0.0, torch.float16), (s2, 0.5, None)]
+
+
+def _observed():
+    return np.random.default_rng(9).choice(np.array([-1, 0, 1], dtype=np.int8), size=(N, L), p=[0.7, 0.2, 0.1])
+
+
+def _worker(rank, world, port, folder):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        store = PseudoLabelStore(os.path.join(folder, f"rank{rank}.f16"), N, L)
+        observed = ObservedLabelSource(_observed())
+        for per_rank, momentum, wire in _steps():
+            ids, yhat, valid = per_rank[rank]
+            all_ids, all_y = allgather_updates(ids, yhat, valid, wire_dtype=wire)
+            assert all_y.dtype == torch.float32
+            store.scatter(all_ids, all_y, mask=observed.gather(all_ids) == -1, momentum=momentum)
+        store.flush()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_allgather_updates_two_ranks_keep_identical_stores(tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a = (tmp_path / "rank0.f16").read_bytes()
+    b = (tmp_path / "rank1.f16").read_bytes()
+    assert a == b
+    # independent reference: apply every valid row in rank order, one by one, in float64
+    ref = np.full((N, L), 0.5)
+    missing = _observed() == -1
+    for per_rank, momentum, _ in _steps():
+        for ids, yhat, valid in per_rank:
+            for i, y, v in zip(ids.tolist(), yhat.double().numpy(), valid.tolist()):
+                if v:
+                    ref[i] = np.where(missing[i], momentum * ref[i] + (1 - momentum) * y, ref[i])
+    got = np.frombuffer(a, dtype=np.float16).reshape(N, L).astype(np.float64) + 0.5
+    np.testing.assert_allclose(got, ref, atol=2 * FP16_TOL)
+    assert (got != 0.5).any()
