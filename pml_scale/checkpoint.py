@@ -90,6 +90,9 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
                 raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {src.name}: cannot restore the {name} store")
             store.restore(src)
     barrier()
+    if not dist_info.is_local_main:
+        for store in stores.values():
+            store.reopen()
     set_rng_state(client_state["rng"])
     return client_state
 

@@ -231,6 +231,12 @@ class _RowStore:
         sparse_copy(src, self.path)  # atomic rename: a kill leaves the old store whole
         self._open()
 
+    def reopen(self) -> None:
+        """Map the file again: after another process of this node restored a snapshot (an atomic
+        rename puts a new file at ``path``), this process's old mapping still shows the old one."""
+        self.flush()
+        self._open()
+
     def _read_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows for ids in any order, read in sorted order for locality."""
         order = np.argsort(ids, kind="stable")

@@ -32,7 +32,8 @@ from .data.format import labels_name, read_manifest
 from .data.loaders import LoaderConfig, build_loader
 from .distributed import all_reduce_sum, barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
-from .labels import MISSING, POS, ObservedLabels, make_observed, parse_setting
+from .data.shard import make_mask, observed_name
+from .labels import MISSING, POS, ObservedLabels, parse_setting
 from .losses import LossInputs, build_loss
 from .model import build_model
 from .stores import PseudoLabelStore, RoleEstimates, allgather_updates
@@ -56,27 +57,28 @@ def ensure_dataset(cfg, dist_info) -> dict:
 
 
 def observed_path(cfg) -> Path:
-    """The observed-label file of the configured setting (made once, seeded, then reused)."""
+    """The observed-label file of the configured setting (made once per seed, then reused); the
+    CSR form (.npz) is used when `pml-shard mask --csr` made one."""
     if cfg.data.observed:
         return Path(cfg.data.observed)
     name, ratio = parse_setting(cfg.data.setting)
     root = Path(cfg.data.root)
     if name in ("FAL", "NATIVE"):
         return root / labels_name(cfg.data.train_split)
-    suffix = f"_{ratio:g}" if ratio is not None else ""
-    return root / "observed" / f"{name}{suffix}_s{cfg.data.setting_seed}.npy"
+    stem = root / "observed" / observed_name(name, ratio, cfg.data.setting_seed)
+    csr = stem.with_name(stem.name + ".npz")
+    return csr if csr.exists() else stem.with_name(stem.name + ".npy")
 
 
 def ensure_observed(cfg, dist_info) -> ObservedLabels:
     path = observed_path(cfg)
     if not path.exists():
+        if cfg.data.observed:
+            raise FileNotFoundError(f"data.observed={cfg.data.observed!r} does not exist")
         if dist_info.is_local_main:
-            name, ratio = parse_setting(cfg.data.setting)
-            full = np.load(Path(cfg.data.root) / labels_name(cfg.data.train_split), mmap_mode="r")
-            print(f"[pml-scale] writing observed labels {path} ({cfg.data.setting}, seed {cfg.data.setting_seed})",
-                  flush=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ObservedLabels.from_dense(make_observed(full, name, ratio, seed=cfg.data.setting_seed)).save(path)
+            print(f"[pml-scale] drawing observed labels {path.name} ({cfg.data.setting}, seed "
+                  f"{cfg.data.setting_seed}) from {labels_name(cfg.data.train_split)}", flush=True)
+            make_mask(cfg.data.root, cfg.data.setting, seed=cfg.data.setting_seed, split=cfg.data.train_split)
         barrier()
     return ObservedLabels.load(path)
 
