@@ -189,9 +189,14 @@ def run(cfg) -> dict:
     per_node = cfg.pseudo.sync == "affinity"
     if per_node and cfg.data.affinity != "shard":
         raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
+    resuming = cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists()
     stores = {}
     if dist_info.is_local_main:
         store_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:  # a fresh run starts from ỹ = 0.5, whatever an earlier run left in the folder
+            for name in ("pseudo.f16", "role.f32"):
+                for leftover in (store_dir / name, store_dir / f"{name}.json"):
+                    leftover.unlink(missing_ok=True)
         PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True)
     barrier()
     pseudo_store = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
@@ -219,7 +224,7 @@ def run(cfg) -> dict:
 
     # ---- resume
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
-    if cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists():
+    if resuming:
         client = checkpoint.load(engine, ckpt_dir, stores=stores, dist_info=dist_info, per_node=per_node)
         state.update({k: client[k] for k in state if k in client})
         if dist_info.is_main:
