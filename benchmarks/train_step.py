@@ -31,6 +31,7 @@ def make_dataset(root: Path, *, images: int, test_images: int, classes: int, siz
     from pml_scale.atomic import atomic_save_npy, atomic_write_json
     from pml_scale.data import format as fmt
 
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -272,7 +272,7 @@ def run(cfg) -> dict:
                 tracker.log("time_share", state["global_step"], epoch=epoch,
                             **{k: v / total_time for k, v in shares.items()})
 
-            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs:
+            if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                 state["last_map"] = evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg,
                                                    epoch, num_labels, tracker, run_dir, dist_info, state)
             checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1}", dict(state), stores=stores,

@@ -229,7 +229,11 @@ def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *
     finally:
         tmp.unlink(missing_ok=True)
     stats = label_stats(ObservedLabels.load(final))
-    full_pos = manifest["splits"][split]["label_stats"]["class_positives"]
+    split_stats = manifest["splits"][split].get("label_stats")
+    if split_stats and "class_positives" in split_stats:
+        full_pos = split_stats["class_positives"]
+    else:  # a manifest written by other tools may carry no statistics: count them
+        full_pos = np.asarray(label_stats(full)["pos_per_class"]).tolist()
     side = {"file": final.name, "setting": name, "ratio": ratio, "seed": seed, "split": split,
             "form": "csr" if csr else "dense", "source_labels": labels_name(split),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
