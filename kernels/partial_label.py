@@ -16,9 +16,8 @@ Inputs may be non-contiguous: every input is addressed through its own (row, col
 strides, so no copy is made (a column stride != 1 is correct but slower). Offsets are int64,
 so B×L beyond 2**31 is fine. Outputs are always contiguous.
 
-The host-side key and threshold below duplicate ``pml_scale.losses.picks`` on purpose:
-``kernels`` is a leaf package and must not import ``pml_scale.losses`` (which imports the
-kernels); the tests assert both copies agree.
+The host-side key and threshold live in ``pick_hash`` (no triton import), shared with the
+PyTorch reference in ``pml_scale.losses.picks``.
 """
 
 from __future__ import annotations
@@ -31,11 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-MASK32 = 0xFFFFFFFF
-GOLDEN = 0x9E3779B9
-C1 = 0x85EBCA6B
-C2 = 0xC2B2AE35
-PICK_BITS = 24
+from .pick_hash import GOLDEN, MASK32, PICK_BITS, launch_key, pick_threshold  # noqa: F401 (re-exported)
 
 P_RULES = ("text", "printed")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,36 +43,6 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
 
 
-# ---------------------------------------------------------------- host-side hash pieces
-
-
-def _fmix32_host(h: int) -> int:
-    h &= MASK32
-    h ^= h >> 16
-    h = (h * C1) & MASK32
-    h ^= h >> 13
-    h = (h * C2) & MASK32
-    h ^= h >> 16
-    return h
-
-
-def launch_key(seed: int, epoch: int) -> int:
-    """Per-(seed, epoch) uint32 key; equals ``pml_scale.losses.picks.launch_key``."""
-    for name, v in (("seed", seed), ("epoch", epoch)):
-        if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v <= MASK32):
-            raise ValueError(f"{name} must be an integer in [0, 2**32), got {v!r}")
-    return _fmix32_host(_fmix32_host(seed ^ GOLDEN) ^ epoch)
-
-
-def pick_threshold(q: float) -> int:
-    """Threshold on the 24-bit draw (picked iff draw < it); equals ``picks.pick_threshold``."""
-    try:
-        qf = float(q)
-    except (TypeError, ValueError):
-        raise ValueError(f"q must be a float in [0, 1], got {q!r}") from None
-    if not (0.0 <= qf <= 1.0):
-        raise ValueError(f"q must be a float in [0, 1], got {q!r}")
-    return int(round(qf * (1 << PICK_BITS)))
 
 
 def _int32_bits(x: int) -> int:

@@ -20,39 +20,8 @@ from __future__ import annotations
 
 import torch
 
-MASK32 = 0xFFFFFFFF
-GOLDEN = 0x9E3779B9
-C1 = 0x85EBCA6B
-C2 = 0xC2B2AE35
-PICK_BITS = 24
-
-
-def fmix32_int(h: int) -> int:
-    """murmur3 fmix32 on a Python int (host side)."""
-    h &= MASK32
-    h ^= h >> 16
-    h = (h * C1) & MASK32
-    h ^= h >> 13
-    h = (h * C2) & MASK32
-    h ^= h >> 16
-    return h
-
-
-def launch_key(seed: int, epoch: int) -> int:
-    """The per-(seed, epoch) key shared by the reference and the kernel."""
-    if not (0 <= int(seed) <= MASK32):
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if not (0 <= int(epoch) <= MASK32):
-        raise ValueError(f"epoch must be an integer in [0, 2**32), got {epoch!r}")
-    return fmix32_int(fmix32_int(int(seed) ^ GOLDEN) ^ int(epoch))
-
-
-def pick_threshold(q: float) -> int:
-    """Integer threshold on the 24-bit draw: picked iff draw < threshold."""
-    q = float(q)
-    if not (0.0 <= q <= 1.0):
-        raise ValueError(f"q must be in [0, 1], got {q!r}")
-    return int(round(q * (1 << PICK_BITS)))
+from pml_scale.kernels.pick_hash import (  # noqa: F401 (re-exported: the one host-side copy)
+    C1, C2, GOLDEN, MASK32, PICK_BITS, fmix32_int, launch_key, pick_threshold)
 
 
 def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
