@@ -580,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
+    # SIGINT too: a runner started in the background by a script inherits SIGINT ignored, and
+    # `kill -INT` must still stop it cleanly.
     old = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, on_term)
     try:
         primed = {k for c in cells if report.load_summary(out / c.name) is not None
                   for k in (c.dataset, (c.dataset, c.setting))}
@@ -590,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
     write_reports(spec, cells, out, args.report_dir, metric=args.metric)
     failed = sorted(n for n, s in result.items() if s == "failed")
     if failed:

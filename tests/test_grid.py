@@ -343,12 +343,15 @@ def test_interrupt_stops_children_and_leaves_nothing_finished(toy):
     assert grid.run_cells([job], toy / "out", log=lambda s: None) == {cell.name: "done"}
 
 
-def test_cli_sigint_exits_130(toy):
-    """The real CLI under SIGINT (what Ctrl-C sends): exit 130, child stopped, cell not finished."""
+@pytest.mark.parametrize("sigint_ignored_at_start", [False, True])
+def test_cli_sigint_exits_130(toy, sigint_ignored_at_start):
+    """The real CLI under SIGINT (what Ctrl-C sends): exit 130, child stopped, cell not finished.
+    Also when started by a script in the background, where SIGINT arrives ignored at start-up."""
     env = dict(os.environ, FAKE_SLEEP="60")
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored_at_start else None
     p = subprocess.Popen([sys.executable, str(REPO / "launch" / "grid.py"), str(toy / "grids" / "toy.yaml"),
                           "--out", str(toy / "out"), "--only", "a-FAL-bce-s0", "--train-cmd", _train_cmd(toy)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
     deadline = time.time() + 30
     while not _calls(toy) and time.time() < deadline:
         time.sleep(0.05)
