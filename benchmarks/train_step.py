@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                      f"model.name={args.model}", f"model.dtype={args.dtype}", f"model.compile={str(args.compile).lower()}",
                      f"model.channels_last={'true' if torch.cuda.is_available() else 'false'}",
                      f"loss.name={args.loss}", f"run.epochs={args.epochs}", "run.eval_every=0",
-                     f"run.out_dir={tmp}/runs", "run.name=bench", "run.log_every=1000000", "run.tensorboard=false"]
+                     f"run.out_dir={tmp}/runs", "run.name=bench", "run.log_every=1000000", "run.tensorboard=false",
+                     "run.time_shares=true"]
         cfg = load_config(None, overrides)
         run(cfg)
         lines = [json.loads(l) for l in (Path(tmp) / "runs" / "bench" / "metrics.jsonl").read_text().splitlines()]

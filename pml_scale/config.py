@@ -61,6 +61,7 @@ class RunConfig:
     checkpoint_every_steps: int = field(default=0, metadata=_range(0))  # 0: at epoch ends only
     keep_checkpoints: int = field(default=2, metadata=_range(1))
     tensorboard: bool = True
+    time_shares: bool = False  # GPU: synchronise at step-part boundaries to log exact time shares
     deterministic: bool = False
 
 

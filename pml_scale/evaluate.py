@@ -11,17 +11,18 @@ from .metrics import mean_average_precision
 
 
 @torch.no_grad()
-def predict(engine, loader, *, epoch: int, num_labels: int, progress=None):
+def predict(engine, loader, *, epoch: int, num_labels: int, prepare=lambda images: images, progress=None):
     """Scores (sigmoid) and ids of the valid rows this rank saw, gathered from all ranks (rank order).
 
     Eval loaders pad with repeats marked valid=False so all ranks run the same number of batches;
     those rows are dropped here, after the gather, so every test id counts exactly once.
+    ``prepare`` puts images in the model's dtype and memory format.
     """
     engine.eval()
     loader.set_epoch(epoch)
     scores, ids, valid = [], [], []
     for batch in loader:
-        logits = engine(batch.images)
+        logits = engine(prepare(batch.images))
         scores.append(torch.sigmoid(logits.float()))
         ids.append(batch.ids)
         valid.append(batch.valid)

@@ -211,8 +211,11 @@ def run(cfg) -> dict:
     k_expected = expected_positives(full_train)
 
     # ---- model and engine
-    model = build_model(cfg.model.name, num_labels, pretrained=cfg.model.pretrained,
-                        channels_last=cfg.model.channels_last, head_dropout=cfg.model.head_dropout)
+    # Weights stay NCHW-contiguous: DeepSpeed's bf16 path broadcasts and flattens parameters as raw
+    # bytes, which channels_last weights break. channels_last inputs alone make cuDNN pick the
+    # channels_last kernels (model.channels_last applies to the inputs, see prepare_images).
+    model = build_model(cfg.model.name, num_labels, pretrained=cfg.model.pretrained, channels_last=False,
+                        head_dropout=cfg.model.head_dropout)
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     ds_config = deepspeed_config(cfg, world_size=dist_info.world_size)
@@ -221,6 +224,10 @@ def run(cfg) -> dict:
     if cfg.model.compile:
         engine.compile()
     in_dtype = DTYPES[cfg.model.dtype]
+    if in_dtype != torch.float32:  # DeepSpeed casts parameters only; BatchNorm statistics must follow
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(in_dtype)
 
     # ---- resume
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
@@ -238,7 +245,8 @@ def run(cfg) -> dict:
             start_batch = state["batch"] if epoch == state["epoch"] else 0
             train_loader.set_epoch(epoch, start_batch=start_batch)
             bar = tracker.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
-            t_last, n_imgs, shares = time.perf_counter(), 0, {}
+            t_last, n_imgs = time.perf_counter(), 0
+            shares = {"_sync": cfg.run.time_shares and dist_info.device.type == "cuda"}
             t_prev = time.perf_counter()
             for batch in train_loader:
                 _share(shares, "loader", t_prev)
@@ -267,10 +275,11 @@ def run(cfg) -> dict:
                 t_prev = time.perf_counter()
             bar.close()
             state["epoch"], state["batch"] = epoch + 1, 0
-            total_time = sum(shares.values())
+            parts = {k: v for k, v in shares.items() if not k.startswith("_")}
+            total_time = sum(parts.values())
             if total_time > 0:
                 tracker.log("time_share", state["global_step"], epoch=epoch,
-                            **{k: v / total_time for k, v in shares.items()})
+                            **{k: v / total_time for k, v in parts.items()})
 
             if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                 state["last_map"] = evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg,
@@ -316,7 +325,7 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
         estimates = role_store.gather(batch.ids)[valid].detach().requires_grad_(True)
     tock = _share(shares, "labels", tick)
 
-    logits = engine(batch.images.to(in_dtype))
+    logits = engine(prepare_images(batch.images, in_dtype, cfg.model.channels_last))
     tock = _share(shares, "forward", tock)
     out = loss_fn(LossInputs(logits=logits[valid], states=states[valid], sample_ids=batch.ids[valid], epoch=epoch,
                              total_epochs=cfg.run.epochs, pseudo=pseudo[valid], estimates=estimates,
@@ -352,6 +361,12 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
     return stats
 
 
+def prepare_images(images: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """The model's input dtype (bf16 under DeepSpeed bf16) and memory format."""
+    images = images.to(dtype)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
 def _debug_dump(tag: str, ids: torch.Tensor, yhat: torch.Tensor) -> None:
     """Test hook: with PML_DEBUG_DUMP_UPDATES=dir, each rank saves the (ids, ŷ) it computed per step,
     so a test can check the pseudo-label store against what every rank really produced."""
@@ -362,6 +377,10 @@ def _debug_dump(tag: str, ids: torch.Tensor, yhat: torch.Tensor) -> None:
 
 
 def _share(shares: dict, name: str, since: float) -> float:
+    """Add the time since ``since`` to part ``name`` of the step. GPU work is asynchronous, so with
+    ``run.time_shares`` on a GPU we synchronise at each boundary (off by default: it costs overlap)."""
+    if shares.get("_sync"):
+        torch.cuda.synchronize()
     now = time.perf_counter()
     shares[name] = shares.get(name, 0.0) + (now - since)
     return now
@@ -370,7 +389,8 @@ def _share(shares: dict, name: str, since: float) -> float:
 def evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg, epoch, num_labels, tracker, run_dir,
                    dist_info, state) -> float:
     bar = tracker.progress(eval_loader.batches_per_epoch, "eval")
-    scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar)
+    scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar,
+                          prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
     bar.close()
     result = None
     if dist_info.is_main:

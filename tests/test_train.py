@@ -210,3 +210,16 @@ def test_every_registered_loss_trains_through_the_engine(tiny_demo, tmp_path):
         assert all(np.isfinite(l["loss"]) for l in lines if l["kind"] == "train"), name
     role = np.fromfile(tmp_path / "runs" / "role" / "role.f32", dtype=np.float32)
     assert np.isfinite(role).all()
+
+
+def test_bf16_channels_last_run_and_resume_with_more_epochs(tiny_demo, tmp_path):
+    """The GPU-typical path (DeepSpeed bf16, channels_last inputs, bf16 logits into the loss) on CPU;
+    starting again with more epochs continues from the last checkpoint."""
+    config = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", run={"epochs": 1},
+                          model={"dtype": "bf16", "channels_last": True})
+    run_train(config)
+    out = run_train(config, "run.epochs=2")
+    assert "resumed from" in out.stdout and "at epoch 1 batch 0" in out.stdout
+    lines = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines if l["kind"] == "eval"] == [0, 1]
+    assert all(np.isfinite(l["loss"]) for l in lines if l["kind"] == "train")
