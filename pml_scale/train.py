@@ -46,8 +46,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def ensure_dataset(cfg, dist_info) -> dict:
     """Read the manifest; build the embedded demo dataset first if asked and absent (rank 0 only)."""
     root = Path(cfg.data.root)
-    if cfg.data.build_demo and not (root / "manifest.json").exists():
-        if dist_info.is_local_main:
+    # decided once (rank 0) for all ranks: a per-rank check would race with rank 0's writes and
+    # leave the ranks with different numbers of barriers
+    if cfg.data.build_demo and broadcast_object(not (root / "manifest.json").exists()):
+        if dist_info.is_local_main and not (root / "manifest.json").exists():
             from .data.demo import build_demo
 
             print(f"[pml-scale] building the embedded demo dataset in {root} ...", flush=True)
@@ -72,10 +74,10 @@ def observed_path(cfg) -> Path:
 
 def ensure_observed(cfg, dist_info) -> ObservedLabels:
     path = observed_path(cfg)
-    if not path.exists():
+    if broadcast_object(not path.exists()):  # one decision for all ranks (see ensure_dataset)
         if cfg.data.observed:
             raise FileNotFoundError(f"data.observed={cfg.data.observed!r} does not exist")
-        if dist_info.is_local_main:
+        if dist_info.is_local_main and not path.exists():
             print(f"[pml-scale] drawing observed labels {path.name} ({cfg.data.setting}, seed "
                   f"{cfg.data.setting_seed}) from {labels_name(cfg.data.train_split)}", flush=True)
             make_mask(cfg.data.root, cfg.data.setting, seed=cfg.data.setting_seed, split=cfg.data.train_split)
@@ -189,7 +191,7 @@ def run(cfg) -> dict:
     per_node = cfg.pseudo.sync == "affinity"
     if per_node and cfg.data.affinity != "shard":
         raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
-    resuming = cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists()
+    resuming = broadcast_object(cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists())
     stores = {}
     if dist_info.is_local_main:
         store_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def tiny_demo(tmp_path_factory):
     from pml_scale.data.demo import build_demo
 
     root = tmp_path_factory.mktemp("demo") / "data"
-    build_demo(root, seed=0, n_train=96, n_test=48, size=32)
+    build_demo(root, seed=0, n_train=96, n_test=48, size=32, shard_size=32)
     return root
 
 
@@ -111,11 +111,14 @@ def test_kill_and_resume_gives_the_same_result(tiny_demo, tmp_path):
     np.testing.assert_array_equal(read_pseudo(tmp_path / "kill" / "t", shape), read_pseudo(tmp_path / "ref" / "t", shape))
 
 
-def test_two_ranks_keep_every_pseudo_row(tiny_demo, tmp_path):
+@pytest.mark.parametrize("sync", ["allgather", "affinity"])
+def test_two_ranks_keep_every_pseudo_row(tiny_demo, tmp_path, sync):
     """torchrun, 2 CPU ranks on gloo: after training, every pseudo row equals the ŷ that whichever rank
-    trained the sample last computed (dumped by the trainer's debug hook), on its missing entries."""
+    trained the sample last computed (dumped by the trainer's debug hook), on its missing entries.
+    allgather: every rank writes every row; affinity: shards stay on their rank, each writes its own."""
     dump = tmp_path / "dump"
-    cfg = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", run={"epochs": 2})
+    extra = {"data": {"affinity": "shard"}, "pseudo": {"sync": "affinity"}} if sync == "affinity" else {}
+    cfg = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", run={"epochs": 2}, **extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), str(TRAIN), "--config", str(cfg)]
     proc = subprocess.run(cmd, cwd=REPO, env=env(PML_DEBUG_DUMP_UPDATES=str(dump)), capture_output=True, text=True,
@@ -133,6 +136,8 @@ def test_two_ranks_keep_every_pseudo_row(tiny_demo, tmp_path):
     missing = observed == -1
     np.testing.assert_allclose(pseudo[missing], expected[missing], atol=1e-3)
     assert seen_by_rank[0] and seen_by_rank[1]
+    if sync == "affinity":  # a sample is always trained on the rank that owns its shard
+        assert not (seen_by_rank[0] & seen_by_rank[1])
 
 
 def test_bad_config_key_fails_before_training(tiny_demo, tmp_path):
