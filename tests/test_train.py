@@ -63,7 +63,9 @@ def read_pseudo(run_dir: Path, shape) -> np.ndarray:
 
 def test_single_process_run_writes_the_contract_files(tiny_demo, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs")
-    run_train(config)
+    ext = tmp_path / "torch_extensions"
+    run_train(config, extra_env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert not ext.exists() or not any(ext.iterdir()), "DeepSpeed JIT-compiled an op at run time"
     run_dir = tmp_path / "runs" / "t"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 < summary["final_map"] <= 1.0 and summary["epochs"] == 2
