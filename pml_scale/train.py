@@ -255,7 +255,8 @@ def run(cfg) -> dict:
                 stats = train_step(engine, batch, loss_fn, observed=observed, pseudo_store=pseudo_store,
                                    role_store=role_store, cfg=cfg, epoch=epoch, in_dtype=in_dtype,
                                    batch_stats=batch_stats, k_expected=k_expected, per_node=per_node,
-                                   writer=per_node or dist_info.is_local_main, shares=shares, debug_tag=f"{state['global_step'] + 1}-{dist_info.rank}")
+                                   writer=per_node or dist_info.is_local_main, shares=shares,
+                                   debug_tag=f"{state['global_step'] + 1}-{dist_info.rank}")
                 state["global_step"] += 1
                 state["batch"] = batch.index + 1
                 n_imgs += int(batch.valid.sum()) * dist_info.world_size
@@ -291,8 +292,7 @@ def run(cfg) -> dict:
 
         summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
                    "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
-                   "dataset": manifest.get("source", {}).get("format", Path(cfg.data.root).name)
-                   if isinstance(manifest.get("source"), dict) else Path(cfg.data.root).name,
+                   "dataset": Path(cfg.data.root).name,
                    "world_size": dist_info.world_size, "skipped_samples": train_loader.skipped,
                    "wall_s": time.time() - t_start}
         if dist_info.is_main:
@@ -314,11 +314,13 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
     tick = time.perf_counter()
     device = batch.images.device
     ids_cpu = batch.ids.cpu().numpy()
-    states = torch.from_numpy(observed.gather(ids_cpu)).to(device, non_blocking=True)
+    valid_cpu = batch.valid.cpu().numpy()
+    states_cpu = observed.gather(ids_cpu)
+    states = torch.from_numpy(states_cpu).to(device, non_blocking=True)
     pseudo = pseudo_store.gather(batch.ids)
     valid = batch.valid
-    n_valid = int(valid.sum())
-    counts = torch.tensor([float(((states == POS) & valid[:, None]).sum()), float(n_valid * states.shape[1])],
+    # P and T counted on the host from the gathered labels: no device sync before the all-reduce
+    counts = torch.tensor([float((states_cpu[valid_cpu] == POS).sum()), float(valid_cpu.sum() * states_cpu.shape[1])],
                           dtype=torch.float64, device=device)
     if batch_stats == "global":
         counts = all_reduce_sum(counts)
