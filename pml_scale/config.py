@@ -69,6 +69,7 @@ class RunConfig:
 class DataConfig:
     root: Optional[str] = None  # dataset folder with manifest.json (the trainer requires it)
     build_demo: bool = False  # build the embedded demo dataset into root if absent
+    demo_dataset: str = field(default="digits", metadata=_choices("digits", "longtail"))  # which one build_demo makes
     setting: str = field(default="FAL", metadata={"pattern": "setting"})
     setting_seed: int = 0
     observed: Optional[str] = None  # explicit observed-label file; default derived from setting
@@ -128,6 +129,7 @@ class PseudoConfig:
     momentum: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
     dir: Optional[str] = None  # node-local folder for the store; default: the run folder
     sync: str = field(default="allgather", metadata=_choices("allgather", "affinity"))
+    init: str = field(default="half", metadata=_choices("half", "prior"))  # 0.5 (the paper) or the class prior (ours+)
 
 
 @dataclass

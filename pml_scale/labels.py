@@ -287,6 +287,23 @@ def label_stats(states, *, chunk_rows: int = 65536) -> dict:
     }
 
 
+def class_prior(stats: dict, expected_positives: float, *, floor: float = 1e-3, ceil: float = 0.5) -> np.ndarray:
+    """(L,) float32 estimate of P(y_j = 1) from observed labels (``label_stats``): the initial
+    pseudo labels of ours+ (``pseudo.init=prior``) instead of the paper's 0.5.
+
+    A class with observed negatives: its observed positive rate. A class without (PPL, SPL: only
+    positives are observed): ``expected_positives`` (k per image, as EPR/ROLE use) times its share
+    of the observed positives. Clipped to [floor, ceil]: a prior is a soft start, never certain.
+    """
+    pos = np.asarray(stats["pos_per_class"], np.float64)
+    neg = np.asarray(stats["neg_per_class"], np.float64)
+    if not (np.isfinite(expected_positives) and expected_positives >= 0):
+        raise ValueError(f"expected_positives must be a finite number >= 0, got {expected_positives!r}")
+    from_ratio = pos / np.maximum(pos + neg, 1.0)
+    from_share = float(expected_positives) * pos / max(pos.sum(), 1.0)
+    return np.clip(np.where(neg > 0, from_ratio, from_share), floor, ceil).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- the store
 
 

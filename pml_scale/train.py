@@ -33,8 +33,8 @@ from .data.loaders import LoaderConfig, build_loader
 from .distributed import all_reduce_sum, barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
-from .labels import MISSING, POS, ObservedLabels, parse_setting
-from .losses import LossInputs, build_loss
+from .labels import MISSING, POS, ObservedLabels, class_prior, label_stats, parse_setting
+from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss
 from .model import build_model
 from .stores import PseudoLabelStore, RoleEstimates, allgather_updates
 from .tracking import Tracker
@@ -52,8 +52,8 @@ def ensure_dataset(cfg, dist_info) -> dict:
         if dist_info.is_local_main and not (root / "manifest.json").exists():
             from .data.demo import build_demo
 
-            print(f"[pml-scale] building the embedded demo dataset in {root} ...", flush=True)
-            build_demo(root, seed=0)
+            print(f"[pml-scale] building the embedded demo dataset '{cfg.data.demo_dataset}' in {root} ...", flush=True)
+            build_demo(root, dataset=cfg.data.demo_dataset, seed=0, progress=True)
         barrier()
     return read_manifest(root)
 
@@ -191,6 +191,7 @@ def run(cfg) -> dict:
     per_node = cfg.pseudo.sync == "affinity"
     if per_node and cfg.data.affinity != "shard":
         raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
+    k_expected = expected_positives(full_train)  # EPR/ROLE's k and the class prior's scale
     resuming = broadcast_object(cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists())
     stores = {}
     if dist_info.is_local_main:
@@ -199,7 +200,10 @@ def run(cfg) -> dict:
             for name in ("pseudo.f16", "role.f32"):
                 for leftover in (store_dir / name, store_dir / f"{name}.json"):
                     leftover.unlink(missing_ok=True)
-        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True)
+        init = None
+        if cfg.pseudo.init == "prior":
+            init = class_prior(label_stats(observed), k_expected)
+        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True, init=init)
     barrier()
     pseudo_store = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
     stores["pseudo"] = pseudo_store
@@ -210,7 +214,6 @@ def run(cfg) -> dict:
         barrier()
         role_store = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
         stores["role"] = role_store
-    k_expected = expected_positives(full_train)
 
     # ---- model and engine
     # Weights stay NCHW-contiguous: DeepSpeed's bf16 path broadcasts and flattens parameters as raw
@@ -317,13 +320,17 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
     valid_cpu = batch.valid.cpu().numpy()
     states_cpu = observed.gather(ids_cpu)
     states = torch.from_numpy(states_cpu).to(device, non_blocking=True)
-    pseudo = pseudo_store.gather(batch.ids)
+    pseudo_cpu = pseudo_store.gather(torch.from_numpy(ids_cpu))
+    pseudo = pseudo_cpu.to(device, non_blocking=True)
     valid = batch.valid
-    # P and T counted on the host from the gathered labels: no device sync before the all-reduce
-    counts = torch.tensor([float((states_cpu[valid_cpu] == POS).sum()), float(valid_cpu.sum() * states_cpu.shape[1])],
-                          dtype=torch.float64, device=device)
-    if batch_stats == "global":
-        counts = all_reduce_sum(counts)
+    # α/β counts on the host from the gathered labels: no device sync before the all-reduce
+    counts = alpha_beta_host_counts(loss_fn, states_cpu[valid_cpu], pseudo_cpu[valid_cpu], ids_cpu[valid_cpu],
+                                    epoch=epoch)
+    if counts is not None:
+        counts = counts.to(device)
+        if batch_stats == "global":
+            counts = all_reduce_sum(counts)
+        counts = (float(counts[0]), float(counts[1]))
     estimates = None
     if role_store is not None:
         estimates = role_store.gather(batch.ids)[valid].detach().requires_grad_(True)
@@ -333,7 +340,7 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
     tock = _share(shares, "forward", tock)
     out = loss_fn(LossInputs(logits=logits[valid], states=states[valid], sample_ids=batch.ids[valid], epoch=epoch,
                              total_epochs=cfg.run.epochs, pseudo=pseudo[valid], estimates=estimates,
-                             batch_counts=(float(counts[0]), float(counts[1])), expected_positives=k_expected))
+                             batch_counts=counts, expected_positives=k_expected))
     tock = _share(shares, "loss", tock)
     engine.backward(out.loss)
     engine.step()
@@ -363,6 +370,16 @@ def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cf
     stats = {"loss": float(out.loss.detach())}
     stats.update({k: float(v) for k, v in out.stats.items()})
     return stats
+
+
+def alpha_beta_host_counts(loss_fn, states: np.ndarray, pseudo: torch.Tensor, ids: np.ndarray, *, epoch: int):
+    """(P, T) of this rank's counted rows for the paper loss's α/β reading (float64 CPU tensor), computed on
+    the host from the gathered labels (no device sync); None when the loss needs none."""
+    opts = getattr(loss_fn, "options", None)
+    if not isinstance(opts, PaperOptions) or opts.reading == "none":
+        return None
+    return alpha_beta_counts(opts.reading, torch.from_numpy(states), pseudo, torch.from_numpy(ids),
+                             seed=loss_fn.seed, epoch=epoch, q=opts.q_used)
 
 
 def prepare_images(images: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

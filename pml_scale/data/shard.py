@@ -329,12 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    p = sub.add_parser("demo", help="build the embedded demo dataset (digits, 80 classes)")
+    p = sub.add_parser("demo", help="build an embedded demo dataset (digits: 80 classes; longtail: 240) and "
+                                    "pretrain its backbone")
     p.add_argument("out", metavar="OUT")
+    p.add_argument("--dataset", default="digits", choices=["digits", "longtail"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2400)
-    p.add_argument("--n-test", type=int, default=800)
+    p.add_argument("--n-train", type=int, default=None, help="default: the dataset's (digits 4800, longtail 6000)")
+    p.add_argument("--n-test", type=int, default=None, help="default: the dataset's (digits 1600, longtail 2000)")
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--no-pretrain", action="store_true", help="skip pretraining the demo backbone")
     p.add_argument("--shard-size", type=int, default=400)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -383,8 +386,9 @@ def main(argv=None) -> int:
         elif a.command == "demo":
             from .demo import build_demo
 
-            manifest = build_demo(a.out, seed=a.seed, n_train=a.n_train, n_test=a.n_test, size=a.size,
-                                  shard_size=a.shard_size, workers=a.workers, progress=not a.quiet)
+            manifest = build_demo(a.out, dataset=a.dataset, seed=a.seed, n_train=a.n_train, n_test=a.n_test,
+                                  size=a.size, shard_size=a.shard_size, workers=a.workers, pretrain=not a.no_pretrain,
+                                  progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "mask":
             path = make_mask(a.out, a.setting, a.ratio, a.seed, csr=a.csr, split=a.split, progress=not a.quiet)
