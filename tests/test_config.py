@@ -345,3 +345,11 @@ def test_include_errors_and_order(tmp_path):
         config_from_dict([1, 2])
     with pytest.raises(ConfigError, match=r"unknown key 'run.epoch' \(from saved run\)"):
         config_from_dict({"run": {"epoch": 1}}, origin="saved run")
+
+
+def test_every_bad_value_is_reported_at_once(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "run: {epochs: 0}\noptim: {lr: fast, schedule: step}\n")
+    lines = error_of(bad, ["model.dtype=f16"]).splitlines()
+    assert len(lines) == 4, lines
+    assert [l.split(":")[0] for l in lines] == ["run.epochs", "model.dtype", "optim.lr", "optim.schedule"]
+    assert "override 'model.dtype=f16'" in lines[1] and all("bad.yaml" in l for l in (lines[0], *lines[2:]))
