@@ -16,7 +16,6 @@ stores only the observed entries, for 10k+ label spaces where most entries are m
 from __future__ import annotations
 
 import math
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pml_scale.atomic import atomic_save_npy, atomic_save_npz
+from pml_scale.atomic import atomic_path, atomic_save_npy, atomic_save_npz
 
 POS, NEG, MISSING = 1, 0, -1
 SETTINGS = ("FAL", "PAL", "PPL", "SPL", "NATIVE")
@@ -309,19 +308,12 @@ def class_prior(stats: dict, expected_positives: float, *, floor: float = 1e-3, 
 
 def _atomic_save_npy_stream(path: Path, shape: tuple[int, int], blocks: Iterator[tuple[int, np.ndarray]]) -> None:
     """Atomic .npy write through a memmap: memory stays at one block whatever the array size."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=shape)
         for a, block in blocks:
             mm[a:a + block.shape[0]] = block
         mm.flush()
         del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class ObservedLabels:

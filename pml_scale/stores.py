@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write_json
+from .atomic import atomic_path, atomic_write_json
 
 STORE_FORMAT = "pml-scale-store"
 STORE_VERSION = 1
@@ -108,26 +108,18 @@ def sparse_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """
     src, dst = Path(src), Path(dst)
     size = src.stat().st_size
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            fo.truncate(size)
-            for start, end in _data_extents(fi.fileno(), size):
-                pos = start - start % COPY_CHUNK
-                while pos < end:
-                    n = min(COPY_CHUNK, size - pos)
-                    fi.seek(pos)
-                    buf = fi.read(n)
-                    if np.frombuffer(buf, dtype=np.uint8).any():
-                        fo.seek(pos)
-                        fo.write(buf)
-                    pos += n
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(dst) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+        fo.truncate(size)
+        for start, end in _data_extents(fi.fileno(), size):
+            pos = start - start % COPY_CHUNK
+            while pos < end:
+                n = min(COPY_CHUNK, size - pos)
+                fi.seek(pos)
+                buf = fi.read(n)
+                if np.frombuffer(buf, dtype=np.uint8).any():
+                    fo.seek(pos)
+                    fo.write(buf)
+                pos += n
 
 
 # ----------------------------------------------------------------------------- base

@@ -269,9 +269,9 @@ def run(cfg) -> dict:
                     img_s = n_imgs / max(now - t_last, 1e-9)
                     t_last, n_imgs = now, 0
                     lr = scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", a=f"{stats.get('alpha', 0):.3f}",
-                                    b=f"{stats.get('beta', 0):.3f}", d=f"{stats.get('d', 0):.2f}",
-                                    p2=f"{stats.get('p2_share', 0):.2f}", img_s=f"{img_s:.0f}", refresh=False)
+                    own = {{"alpha": "a", "beta": "b", "p2_share": "p2"}.get(k, k): f"{v:.3g}"
+                           for k, v in stats.items() if k != "loss"}  # the statistics this loss returned, only
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", **own, img_s=f"{img_s:.0f}", refresh=False)
                     tracker.log("train", state["global_step"], epoch=epoch, lr=lr, img_s=img_s,
                                 skipped=train_loader.skipped, **stats)
                 if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < steps_per_epoch:

@@ -23,11 +23,12 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_path, atomic_write_json
 from . import images
 from .convert import ConvertError, convert
 from .format import DALI_INDEX_VERSION, index_name_for, labels_name, read_manifest, sample_key, decode_id, \
@@ -212,22 +213,19 @@ def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *
     if split != "train":
         stem = f"{split}-{stem}"
     final = obs_dir / f"{stem}.{'npz' if csr else 'npy'}"
-    tmp = obs_dir / f".{stem}.npy.tmp-{os.getpid()}"
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=full.shape)
+
+    def draw(path) -> np.ndarray:
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int8, shape=full.shape)
         make_observed(full, name, ratio, seed, progress=progress, out=mm)
         mm.flush()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if csr:
-            ObservedLabels.from_dense(mm).save_csr(final)
-            del mm
-            tmp.unlink()
-        else:
-            del mm
-            os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return mm
+
+    if csr:  # the dense draw is scratch: only its observed entries are kept (save_csr is atomic)
+        with tempfile.NamedTemporaryFile(dir=obs_dir, prefix=f".{stem}.npy.tmp-") as scratch:
+            ObservedLabels.from_dense(draw(scratch.name)).save_csr(final)
+    else:
+        with atomic_path(final) as tmp:
+            draw(tmp)
     stats = label_stats(ObservedLabels.load(final))
     split_stats = manifest["splits"][split].get("label_stats")
     if split_stats and "class_positives" in split_stats:
