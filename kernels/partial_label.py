@@ -78,14 +78,14 @@ def _fmix32(h):
 
 
 @triton.jit
-def _row_mix(ids_ptr, rows64, row_ok, s_id, key_bits):
+def _row_mix(ids, key_bits):
     """Per-row half of the element hash: R = row ^ (row >> 16), row = fmix32(fmix32(key^lo)^hi).
 
     fmix32(row ^ col) starts with x ^= x >> 16; for x = row ^ col that is R ^ C with
     C = col ^ (col >> 16), so the row half is done once per row and the column half once
     per column (see ``_picked``).
     """
-    ids = tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0).to(tl.int64)
+    ids = ids.to(tl.int64)
     lo = ids.to(tl.uint32)  # truncation = ids & 0xFFFFFFFF
     hi = (ids >> 32).to(tl.uint32)
     key = key_bits.to(tl.uint32, bitcast=True)
@@ -101,8 +101,11 @@ def _col_mix(cols):
 
 @triton.jit
 def _picked(rmix, cmix, thr):
-    """The rest of fmix32(row ^ col) and the 24-bit threshold test: exactly ``pick_mask``."""
-    h = (rmix[:, None] ^ cmix[None, :]) * 0x85EBCA6B
+    """The rest of fmix32(row ^ col) and the 24-bit threshold test: exactly ``pick_mask``.
+
+    rmix and cmix come broadcast-ready (a [BB, 1] and a [1, W] tensor, or a scalar and a [W]).
+    """
+    h = (rmix ^ cmix) * 0x85EBCA6B
     h = h ^ (h >> 13)
     h = h * 0xC2B2AE35
     h = h ^ (h >> 16)
@@ -110,36 +113,19 @@ def _picked(rmix, cmix, thr):
 
 
 @triton.jit
-def _offsets(rows64, cols, L, s_b, s_l, CONTIG: tl.constexpr):
+def _offs(r, c, L, s_b, s_l, CONTIG: tl.constexpr):
+    """Element offsets of rows r (int64) and columns c (int32), broadcast-ready."""
     if CONTIG:
-        return rows64[:, None] * L + cols[None, :]
+        return r * L + c
     else:
-        return rows64[:, None] * s_b + cols.to(tl.int64)[None, :] * s_l
+        return r * s_b + c.to(tl.int64) * s_l
 
 
 @triton.jit
-def _load_sst(logits_ptr, states_ptr, rows64, row_ok, cols, L, s_lb, s_ll, s_sb, s_sl,
-              CONTIG: tl.constexpr):
-    """Logits (as fp32) and states of one tile, and the in-bounds mask (states 2 outside)."""
-    mask = row_ok[:, None] & (cols < L)[None, :]
-    s = tl.load(logits_ptr + _offsets(rows64, cols, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0)
-    st = tl.load(states_ptr + _offsets(rows64, cols, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
-    return s.to(tl.float32), st, mask
-
-
-@triton.jit
-def _load_pseudo(pseudo_ptr, rows64, cols, L, s_pb, s_pl, sel, CONTIG: tl.constexpr):
-    """ỹ where the entry is a picked missing label, 0 elsewhere (nothing read there)."""
-    yt = tl.load(pseudo_ptr + _offsets(rows64, cols, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0)
-    return yt.to(tl.float32)
-
-
-@triton.jit
-def _tile_stats(s, st, sel, mask):
-    m = tl.max(tl.where(mask, s, float("-inf")), axis=1)
-    ne = tl.sum(((st == 0) | (st == 1)).to(tl.int32), axis=1)
-    ns = tl.sum(sel.to(tl.int32), axis=1)
-    return m, ne, ns
+def _counts(st, sel):
+    """N_e and |S| of a slot packed in one int32 (N_e + |S|·2^16): one reduction for both.
+    Exact while a reduced tile holds fewer than 2^16 slots of a row (tiles are <= 16384)."""
+    return ((st == 0) | (st == 1)).to(tl.int32) + (sel.to(tl.int32) << 16)
 
 
 @triton.jit
@@ -178,7 +164,8 @@ def _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
 
     One exp, one log, one reciprocal: t = e^-|s|, u = 1 + t, r = 1/u give σ(s) and 1-σ(s)
     without cancellation (r and t·r, swapped by the sign of s) and log1p(t) = log u for both
-    softplus terms. FAST (GPU) uses the MUFU forms (ex2, lg2, rcp; ~2 ulp).
+    softplus terms. FAST (GPU) uses the MUFU forms (ex2, lg2, rcp; ~2 ulp). The row weights
+    come broadcast-ready ([BB, 1] or scalars).
     """
     if FAST:
         t = tl.exp2(tl.abs(s) * -1.4426950408889634)
@@ -195,29 +182,21 @@ def _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
     y = tl.where(nonneg, r, tr)
     omy = tl.where(nonneg, tr, r)
     # ỹ is 0 outside S, so a_s·ỹ needs no select; (1-ỹ) does.
-    w_pos = tl.where(st == 1, a_ne[:, None], a_s[:, None] * yt)
-    w_neg = tl.where(st == 0, b_ne[:, None], tl.where(sel, b_s[:, None] * (1.0 - yt), 0.0))
+    w_pos = tl.where(st == 1, a_ne, a_s * yt)
+    w_neg = tl.where(st == 0, b_ne, tl.where(sel, b_s * (1.0 - yt), 0.0))
     term = w_pos * (tl.maximum(-s, 0.0) + lp) + w_neg * (tl.maximum(s, 0.0) + lp)
     gpart = w_pos * omy - w_neg * y
     return term, y, gpart
 
 
 @triton.jit
-def _tile_out(s, st, sel, yt, mask, rows64, cols, L, grad_ptr, yhat_ptr, picks_ptr, rmix, thr,
-              a_ne, b_ne, a_s, b_s, gscale,
-              STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr):
-    """Stores ŷ (and the gradient) of one tile; returns the per-row sums of its loss terms."""
-    term, y, gpart = _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
-    out_off = rows64[:, None] * L + cols[None, :]
-    tl.store(yhat_ptr + out_off, y.to(tl.float16), mask=mask)
+def _store_out(grad_ptr, yhat_ptr, picks_ptr, off, mask, y, gpart, gscale, rmix, cmix, thr,
+               STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr):
+    tl.store(yhat_ptr + off, y.to(tl.float16), mask=mask)
     if STORE_GRAD:
-        g = gscale[:, None] * gpart
-        tl.store(grad_ptr + out_off, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + off, (gscale * gpart).to(grad_ptr.dtype.element_ty), mask=mask)
     if STORE_PICKS:  # test hook: the raw pick bits, before intersecting with missing
-        pk = _picked(rmix, _col_mix(cols), thr)
-        tl.store(picks_ptr + out_off, pk.to(tl.int8), mask=mask)
-    # masked-out slots have st = 2 and ỹ = 0, hence zero weights and a zero term
-    return tl.sum(term, axis=1)
+        tl.store(picks_ptr + off, _picked(rmix, cmix, thr).to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -239,6 +218,18 @@ def _finish_mean(out_ptr, cnt_ptr, B, n_tickets, inv_n):
         tl.store(cnt_ptr, 0)
 
 
+@triton.jit
+def _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl,
+              thr, CONTIG: tl.constexpr):
+    """Loads of one [BB, W] tile of the row path; ỹ is read only where picked and missing."""
+    mask = ok2 & (c < L)
+    s = tl.load(logits_ptr + _offs(r2, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    st = tl.load(states_ptr + _offs(r2, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    sel = (st == -1) & _picked(rmix2, _col_mix(c), thr)
+    yt = tl.load(pseudo_ptr + _offs(r2, c, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0).to(tl.float32)
+    return s, st, sel, yt, mask
+
+
 @triton.jit(do_not_specialize=["key_bits", "thr"])
 def _row_kernel(
     logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
@@ -254,30 +245,39 @@ def _row_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    rmix = _row_mix(ids_ptr, rows64, row_ok, s_id, key_bits)
+    r2 = rows64[:, None]
+    ok2 = row_ok[:, None]
+    rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
 
-    c1 = tl.arange(0, W1)
-    s1, st1, m1 = _load_sst(logits_ptr, states_ptr, rows64, row_ok, c1, L, s_lb, s_ll, s_sb, s_sl, CONTIG)
-    sel1 = (st1 == -1) & _picked(rmix, _col_mix(c1), thr)
-    yt1 = _load_pseudo(pseudo_ptr, rows64, c1, L, s_pb, s_pl, sel1, CONTIG)  # in flight during the reductions
-    m, ne, ns = _tile_stats(s1, st1, sel1, m1)
+    c1 = tl.arange(0, W1)[None, :]
+    s1, st1, sel1, yt1, m1 = _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c1, L,
+                                       s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, thr, CONTIG)
+    m = tl.max(tl.where(m1, s1, float("-inf")), axis=1)
+    cnt = tl.sum(_counts(st1, sel1), axis=1)
     if W2 > 0:
-        c2 = W1 + tl.arange(0, W2)
-        s2, st2, m2 = _load_sst(logits_ptr, states_ptr, rows64, row_ok, c2, L, s_lb, s_ll, s_sb, s_sl, CONTIG)
-        sel2 = (st2 == -1) & _picked(rmix, _col_mix(c2), thr)
-        yt2 = _load_pseudo(pseudo_ptr, rows64, c2, L, s_pb, s_pl, sel2, CONTIG)
-        mb, neb, nsb = _tile_stats(s2, st2, sel2, m2)
-        m = tl.maximum(m, mb)
-        ne += neb
-        ns += nsb
+        c2 = W1 + tl.arange(0, W2)[None, :]
+        s2, st2, sel2, yt2, m2 = _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c2, L,
+                                           s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, thr, CONTIG)
+        m = tl.maximum(m, tl.max(tl.where(m2, s2, float("-inf")), axis=1))
+        cnt += tl.sum(_counts(st2, sel2), axis=1)
 
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
-    p, a_ne, b_ne, a_s, b_s, gscale = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
-    acc = _tile_out(s1, st1, sel1, yt1, m1, rows64, c1, L, grad_ptr, yhat_ptr, picks_ptr, rmix, thr,
-                    a_ne, b_ne, a_s, b_s, gscale, STORE_GRAD, STORE_PICKS, FAST)
+    p, a_ne, b_ne, a_s, b_s, gscale = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
+                                                 P_PRINTED)
+    a_ne = a_ne[:, None]
+    b_ne = b_ne[:, None]
+    a_s = a_s[:, None]
+    b_s = b_s[:, None]
+    g2 = gscale[:, None]
+    term, y, gpart = _elem(s1, st1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c1, m1, y, gpart, g2, rmix2, _col_mix(c1), thr,
+               STORE_GRAD, STORE_PICKS)
+    acc = tl.sum(term, axis=1)  # masked-out slots have st = 2 and ỹ = 0: zero weights, zero term
     if W2 > 0:
-        acc += _tile_out(s2, st2, sel2, yt2, m2, rows64, c2, L, grad_ptr, yhat_ptr, picks_ptr, rmix, thr,
-                         a_ne, b_ne, a_s, b_s, gscale, STORE_GRAD, STORE_PICKS, FAST)
+        term, y, gpart = _elem(s2, st2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c2, m2, y, gpart, g2, rmix2, _col_mix(c2), thr,
+                   STORE_GRAD, STORE_PICKS)
+        acc += tl.sum(term, axis=1)
     tl.store(out_ptr + rows64, p * acc, mask=row_ok)
     tl.store(out_ptr + B + rows64, p, mask=row_ok)
     _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
@@ -286,24 +286,23 @@ def _row_kernel(
 @triton.jit(do_not_specialize=["key_bits", "thr"])
 def _split_stats_kernel(
     logits_ptr, states_ptr, ids_ptr, part_ptr,
-    B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_id, key_bits, thr,
-    CONTIG: tl.constexpr, BLOCK_B: tl.constexpr, W: tl.constexpr,
+    L, K, NK, s_lb, s_ll, s_sb, s_sl, s_id, key_bits, thr,
+    CONTIG: tl.constexpr, W: tl.constexpr,
 ):
-    """Pass 1 of the split path: max, N_e and |S| of one (row block, column tile)."""
-    pid = tl.program_id(0)
+    """Pass 1 of the split path: max, N_e and |S| of one column tile of one row."""
+    r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    rmix = _row_mix(ids_ptr, rows64, row_ok, s_id, key_bits)
-    cols = k * W + tl.arange(0, W)
-    s, st, mask = _load_sst(logits_ptr, states_ptr, rows64, row_ok, cols, L, s_lb, s_ll, s_sb, s_sl, CONTIG)
-    sel = (st == -1) & _picked(rmix, _col_mix(cols), thr)
-    m, ne, ns = _tile_stats(s, st, sel, mask)
-    idx = rows64 * K + k
-    tl.store(part_ptr + idx, m, mask=row_ok)
-    tl.store(part_ptr + NK + idx, ne.to(tl.float32), mask=row_ok)  # exact: counts < 2**24
-    tl.store(part_ptr + 2 * NK + idx, ns.to(tl.float32), mask=row_ok)
+    rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
+    c = k * W + tl.arange(0, W)
+    mask = c < L
+    s = tl.load(logits_ptr + _offs(r, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    st = tl.load(states_ptr + _offs(r, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    sel = (st == -1) & _picked(rmix, _col_mix(c), thr)
+    cnt = tl.sum(_counts(st, sel), axis=0)
+    idx = r * K + k
+    tl.store(part_ptr + idx, tl.max(tl.where(mask, s, float("-inf")), axis=0))
+    tl.store(part_ptr + NK + idx, (cnt & 0xFFFF).to(tl.float32))  # exact: counts < 2**24
+    tl.store(part_ptr + 2 * NK + idx, (cnt >> 16).to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["key_bits", "thr"])
@@ -314,43 +313,44 @@ def _split_fused_kernel(
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
     CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, W: tl.constexpr, KP: tl.constexpr,
+    W: tl.constexpr, KP: tl.constexpr,
 ):
-    """Pass 2 of the split path: row stats from the K tile partials, then one tile's outputs."""
-    pid = tl.program_id(0)
+    """Pass 2 of the split path: the row's stats from its K tile partials, then one tile."""
+    r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    rmix = _row_mix(ids_ptr, rows64, row_ok, s_id, key_bits)
-    cols = k * W + tl.arange(0, W)
-    s, st, mask = _load_sst(logits_ptr, states_ptr, rows64, row_ok, cols, L, s_lb, s_ll, s_sb, s_sl, CONTIG)
-    sel = (st == -1) & _picked(rmix, _col_mix(cols), thr)
-    yt = _load_pseudo(pseudo_ptr, rows64, cols, L, s_pb, s_pl, sel, CONTIG)
+    rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
+    c = k * W + tl.arange(0, W)
+    mask = c < L
+    s = tl.load(logits_ptr + _offs(r, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    st = tl.load(states_ptr + _offs(r, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    cmix = _col_mix(c)
+    sel = (st == -1) & _picked(rmix, cmix, thr)
+    yt = tl.load(pseudo_ptr + _offs(r, c, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0).to(tl.float32)
 
     kk = tl.arange(0, KP)
-    pmask = row_ok[:, None] & (kk < K)[None, :]
-    pidx = rows64[:, None] * K + kk[None, :]
-    m = tl.max(tl.load(part_ptr + pidx, mask=pmask, other=float("-inf")), axis=1)
-    ne = tl.sum(tl.load(part_ptr + NK + pidx, mask=pmask, other=0.0), axis=1)
-    ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pmask, other=0.0), axis=1)
+    pm = kk < K
+    pidx = r * K + kk
+    m = tl.max(tl.load(part_ptr + pidx, mask=pm, other=float("-inf")), axis=0)
+    ne = tl.sum(tl.load(part_ptr + NK + pidx, mask=pm, other=0.0), axis=0)
+    ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
     p, a_ne, b_ne, a_s, b_s, gscale = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
-    acc = _tile_out(s, st, sel, yt, mask, rows64, cols, L, grad_ptr, yhat_ptr, picks_ptr, rmix, thr,
-                    a_ne, b_ne, a_s, b_s, gscale, STORE_GRAD, STORE_PICKS, FAST)
-    tl.store(part_ptr + 3 * NK + rows64 * K + k, p * acc, mask=row_ok)
+    term, y, gpart = _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, r * L + c, mask, y, gpart, gscale, rmix, cmix, thr,
+               STORE_GRAD, STORE_PICKS)
+    tl.store(part_ptr + 3 * NK + r * K + k, p * tl.sum(term, axis=0))
 
-    # The last tile of this row block to finish sums the rows' partials (fixed order) ...
+    # The last tile of this row to finish sums the row's partials (fixed order) ...
     tl.debug_barrier()
-    t = tl.atomic_add(cnt_ptr + 1 + pid, 1, sem="acq_rel")
+    t = tl.atomic_add(cnt_ptr + 1 + r, 1, sem="acq_rel")
     if t == K - 1:
         tl.debug_barrier()
-        parts = tl.load(part_ptr + 3 * NK + pidx, mask=pmask, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + rows64, tl.sum(parts, axis=1), mask=row_ok)
-        tl.store(out_ptr + B + rows64, p, mask=row_ok)
-        tl.store(cnt_ptr + 1 + pid, 0)
-        # ... and the last row block to finish takes the batch mean.
-        _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
+        parts = tl.load(part_ptr + 3 * NK + pidx, mask=pm, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + r, tl.sum(parts, axis=0))
+        tl.store(out_ptr + B + r, p)
+        tl.store(cnt_ptr + 1 + r, 0)
+        # ... and the last row to finish takes the batch mean.
+        _finish_mean(out_ptr, cnt_ptr, B, B, inv_n)
 
 
 @triton.jit(do_not_specialize=["key_bits", "thr"])
@@ -359,18 +359,20 @@ def _picked_sums_kernel(
     B, L, NP, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
     CONTIG: tl.constexpr, BLOCK_B: tl.constexpr, W: tl.constexpr,
 ):
-    """Σ ỹ and the count over picked missing entries of one tile; the last program totals."""
+    """Σ ỹ and the count over picked missing entries of one tile; the last program totals
+    all tiles in a fixed order (fp64), so the result is deterministic."""
     pid = tl.program_id(0)
     k = tl.program_id(1)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    rmix = _row_mix(ids_ptr, rows64, row_ok, s_id, key_bits)
-    cols = k * W + tl.arange(0, W)
-    mask = row_ok[:, None] & (cols < L)[None, :]
-    st = tl.load(states_ptr + _offsets(rows64, cols, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
-    sel = (st == -1) & _picked(rmix, _col_mix(cols), thr)
-    yt = _load_pseudo(pseudo_ptr, rows64, cols, L, s_pb, s_pl, sel, CONTIG)
+    r2 = rows64[:, None]
+    rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
+    c = k * W + tl.arange(0, W)[None, :]
+    mask = row_ok[:, None] & (c < L)
+    st = tl.load(states_ptr + _offs(r2, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    sel = (st == -1) & _picked(rmix2, _col_mix(c), thr)
+    yt = tl.load(pseudo_ptr + _offs(r2, c, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0).to(tl.float32)
     idx = pid * tl.num_programs(1) + k
     tl.store(part_ptr + idx, tl.sum(tl.sum(yt, axis=1), axis=0))
     tl.store(part_ptr + NP + idx, tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0).to(tl.float32))
@@ -442,8 +444,10 @@ class Config(NamedTuple):
         if not (pow2(self.block_b) and pow2(self.w1) and self.w1 >= 16 and (self.w2 == 0 or (pow2(self.w2) and self.w2 >= 16))
                 and pow2(self.num_warps) and self.num_warps <= 32 and self.num_stages >= 1):
             raise ValueError(f"config {self.label()}: block sizes and num_warps must be powers of two, tiles >= 16")
-        if self.path == "split" and self.w2:
-            raise ValueError(f"config {self.label()}: a split config has one tile width")
+        if max(self.w1, self.w2) > ROW_MAX_LANES:  # the packed N_e/|S| counts need tiles < 2**15
+            raise ValueError(f"config {self.label()}: tiles must be <= {ROW_MAX_LANES} wide")
+        if self.path == "split" and (self.w2 or self.block_b != 1):
+            raise ValueError(f"config {self.label()}: a split config has one tile width and block_b 1")
 
 
 ROW_MAX_LANES = 16384  # rows up to this many labels stay in one program (row path)
@@ -478,18 +482,20 @@ def _warps_for(elems: int, lo: int = 2, hi: int = 16) -> int:
 def heuristic_config(B: int, L: int, *, interpret: bool, block_l: int | None = None) -> Config:
     """The default (untuned) config; ``block_l`` forces the tile width (tests: split path)."""
     if block_l is not None:
-        if block_l < 16 or block_l & (block_l - 1):
-            raise ValueError(f"block_l must be a power of two >= 16, got {block_l!r}")
+        if block_l < 16 or block_l & (block_l - 1) or block_l > ROW_MAX_LANES:
+            raise ValueError(f"block_l must be a power of two in [16, {ROW_MAX_LANES}], got {block_l!r}")
         if L <= block_l:
             w1, w2 = block_l, 0
+        elif interpret:
+            return Config("split", 1, block_l, 0, 1)
         else:
-            bb = 1 if interpret else 1
-            return Config("split", bb, block_l, 0, _warps_for(block_l, hi=8))
+            return Config("split", 1, block_l, 0, _warps_for(block_l, hi=8))
     else:
         w1, w2 = row_tiles(L)
         if w1 + w2 > ROW_MAX_LANES:
-            w = 8192 if interpret else 4096
-            return Config("split", 1, w, 0, 1 if interpret else 8)
+            if interpret:
+                return Config("split", 1, ROW_MAX_LANES, 0, 1)
+            return Config("split", 1, 4096, 0, 8)
     width = w1 + w2
     if interpret:
         bb = min(max(1, _INTERP_TILE // width), _next_pow2(B))
@@ -757,17 +763,17 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
     W = cfg.w1
     K = triton.cdiv(L, W)
     NK = B * K
-    cnt, part = _workspace(plan.dev, 1 + nrb, 4 * NK)
-    grid = (nrb, K)
+    cnt, part = _workspace(plan.dev, 1 + B, 4 * NK)
+    grid = (B, K)
     _split_stats_kernel[grid](
-        logits, states, ids, part, B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_id, key_bits, thr,
-        f["CONTIG"], cfg.block_b, W, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        logits, states, ids, part, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_id, key_bits, thr,
+        f["CONTIG"], W, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _split_fused_kernel[grid](
         logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
         B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
         alpha, beta, d, inv_n, p_threshold, key_bits, thr,
         f["CONTIG"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
-        cfg.block_b, W, _next_pow2(K), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        W, _next_pow2(K), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _tune(plan: _Plan, a: tuple, scalars: tuple) -> Config:

@@ -1,0 +1,261 @@
+"""CPU-side proxy for the loss kernel's speed: SASS instructions per element on Hopper (sm_90).
+
+No GPU needed. Each launch the kernel would make for a B×L problem is captured on CPU
+tensors, specialised exactly as Triton's launcher would (pointer alignment, ints divisible
+by 16, ints equal to 1 folded to constants), compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and disassembled with
+Triton's bundled ``nvdisasm``. Reported per kernel: registers, local-memory (spill) bytes,
+instructions, and the dynamic instructions per element of the main path
+(straight-line instructions before the final ticket reduction, plus element loops × their trip
+count, per thread, ÷ elements per thread), with the MUFU / memory / integer-multiply share.
+
+    python benchmarks/kernel_sass.py                  # this tree, B=4096 × L ∈ {600, 9605, 100000}, bf16
+    python benchmarks/kernel_sass.py --rev 5d78dc7    # the kernel as of a git revision (before)
+    python benchmarks/kernel_sass.py --all-candidates --dtype fp32 --json sass.json
+
+Run without TRITON_INTERPRET (it is cleared here). A static proxy, not a timing: it ignores
+latency, occupancy and memory bandwidth, but counts exactly what each element costs to issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+try:
+    from triton._C.libtriton import native_specialize_impl  # triton >= 3.3
+except ImportError:  # pragma: no cover
+    native_specialize_impl = None
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+TARGET = GPUTarget("cuda", 90, 32)
+_INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRA = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+
+
+def tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+# ------------------------------------------------------------------ capture + compile
+
+
+class Capture:
+    """Replaces ``JITFunction.run`` of the given kernels: records (kernel, grid, args, kwargs)."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, []
+
+    def __enter__(self):
+        for k in self.kernels:
+            def run(*args, grid, warmup, _k=k, **kwargs):
+                self.calls.append((_k, grid, args, kwargs))
+            k.run = run
+        return self
+
+    def __exit__(self, *exc):
+        for k in self.kernels:
+            del k.run
+
+
+def specialise(kernel, args, kwargs):
+    """(signature, constexprs, attrs, options) as JITFunction._pack_args builds them."""
+    params = kernel.params
+    opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    values = list(args) + [kwargs[p.name] for p in params[len(args):]]
+    sig, constexprs, attrs = {}, {}, {}
+    for i, (p, v) in enumerate(zip(params, values)):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            constexprs[(i,)] = v
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
+        sig[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = spec
+        elif isinstance(spec, str):
+            parsed = BaseBackend.parse_attr(spec)
+            if parsed:
+                attrs[(i,)] = parsed
+    return sig, constexprs, attrs, opts
+
+
+def compile_sass(kernel, args, kwargs, dump: Path | None = None) -> dict:
+    sig, constexprs, attrs, opts = specialise(kernel, args, kwargs)
+    src = ASTSource(kernel, sig, constexprs={k: v for k, v in constexprs.items()}, attrs=attrs)
+    ck = triton.compile(src, target=TARGET, options=opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(ck.asm["cubin"])
+        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+        res = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{kernel.fn.__name__}.sass").write_text(sass)
+        (dump / f"{kernel.fn.__name__}.ptx").write_text(ck.asm["ptx"])
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
+    return dict(sass=sass, regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
+                num_warps=opts.get("num_warps", 4))
+
+
+def analyse(sass: str, loop_trips: int) -> dict:
+    """Instructions on the main path, per thread: straight-line code before the first global
+    atomic (the ticket) plus each loop before it × ``loop_trips``."""
+    insns, labels = [], {}
+    for line in sass.splitlines():
+        lm = _LABEL.match(line)
+        if lm:
+            labels[lm.group(1)] = len(insns)
+            continue
+        im = _INSN.match(line)
+        if im:
+            insns.append(im.group(2))
+    end = next((i for i, s in enumerate(insns) if re.search(r"\b(ATOMG|ATOM|RED)\b", s)), len(insns))
+    loops = []
+    for i, s in enumerate(insns[:end]):
+        bm = _BRA.search(s)
+        if bm and labels.get(bm.group(1), i + 1) <= i:
+            loops.append((labels[bm.group(1)], i))
+    in_loop = [False] * end
+    for a, b in loops:
+        for j in range(a, b + 1):
+            in_loop[j] = True
+    ops = Counter()
+    for j in range(end):
+        op = insns[j].split()[0] if not insns[j].startswith("@") else insns[j].split()[1]
+        ops[op.split(".")[0]] += loop_trips if in_loop[j] else 1
+    return dict(total=len(insns), main=sum(ops.values()), ops=ops, loops=[b - a + 1 for a, b in loops])
+
+
+# ------------------------------------------------------------------ the launches of one problem
+
+
+def fake_inputs(B, L, dtype):
+    # torch.empty does not touch its pages: 4096 × 100000 costs no memory here
+    return (torch.empty((B, L), dtype=dtype), torch.empty((B, L), dtype=torch.int8),
+            torch.empty((B, L), dtype=torch.float16), torch.empty((B,), dtype=torch.int64))
+
+
+def launches_current(B, L, dtype, cfg=None, need_grad=True):
+    sys.path.insert(0, str(REPO))
+    import pml_scale.kernels.partial_label as pl
+
+    pl._check_device = lambda dev: None  # CPU tensors stand in for CUDA ones
+    logits, states, pseudo, ids = fake_inputs(B, L, dtype)
+    plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=False, p_rule="text",
+                    coef_ptr=False, block_l=None)
+    plan.flags["FAST"] = True
+    cfg = cfg or pl.heuristic_config(B, L, interpret=False)
+    yhat = torch.empty((B, L), dtype=torch.float16)
+    grad = torch.empty((B, L), dtype=dtype)
+    out = torch.empty(2 * B + 1)
+    a = (logits, states, pseudo, ids, out, grad, yhat, out, yhat)
+    scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 0)
+    with Capture([pl._row_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
+        pl._launch(plan, cfg, a, scalars)
+    ept = [cfg.block_b * (cfg.w1 + cfg.w2) / (32 * kw.get("num_warps", 4)) for _, _, _, kw in cap.calls]
+    return cfg.label(), cap.calls, [1] * len(cap.calls), ept
+
+
+def launches_rev(rev, B, L, dtype):
+    """The kernel file as of git ``rev``, launched with that revision's own block choice."""
+    text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:kernels/partial_label.py"],
+                          capture_output=True, text=True, check=True).stdout
+    text = text.replace("from .pick_hash import", "from pml_scale.kernels.pick_hash import")
+    tmp = Path(tempfile.mkdtemp()) / f"partial_label_{rev}.py"
+    tmp.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"_pl_{rev}", tmp)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    mod.interpreter_active = lambda: True  # pass the CPU-tensor check
+    orig = mod.choose_blocks
+    mod.choose_blocks = lambda B_, L_, interpret, block_l=None: orig(B_, L_, interpret=False, block_l=block_l)
+    logits, states, pseudo, ids = fake_inputs(B, L, dtype)
+    kern = mod._partial_label_fwd_kernel
+    with Capture([kern]) as cap:
+        mod.partial_label_forward(logits, states, pseudo, ids, alpha=0.9, beta=0.1, d=1.0, q=0.5, seed=1,
+                                  epoch=0)
+    (k, grid, args, kw), = cap.calls
+    block_b, block_l = kw["BLOCK_B"], kw["BLOCK_L"]
+    trips = 1 if kw["SINGLE"] else triton.cdiv(L, block_l)
+    label = f"{rev}:bb{block_b}:w{block_l}:nw{kw['num_warps']}:{'single' if kw['SINGLE'] else 'two-sweep'}"
+    # per element: each thread handles block_b*block_l/threads elements per tile, trips tiles per sweep
+    ept = block_b * block_l / (32 * kw["num_warps"])
+    return label, cap.calls, [trips], [ept]
+
+
+def measure(label, calls, trips, ept, dump=None) -> dict:
+    kernels, per_elem, mufu, mem = [], 0.0, 0.0, 0.0
+    for (k, grid, args, kw), t, e in zip(calls, trips, ept):
+        c = compile_sass(k, args, kw, dump)
+        a = analyse(c["sass"], t)
+        pe = a["main"] / (e * t)
+        per_elem += pe
+        mufu += a["ops"]["MUFU"] / (e * t)
+        mem += sum(v for o, v in a["ops"].items() if o in ("LDG", "STG", "LD", "ST")) / (e * t)
+        kernels.append(dict(kernel=k.fn.__name__, grid=list(grid), regs=c["regs"], local_bytes=c["local"],
+                            num_warps=c["num_warps"], sass_total=a["total"], loop_bodies=a["loops"],
+                            elems_per_thread=e * t, main_path=a["main"], per_elem=round(pe, 2),
+                            top_ops=dict(a["ops"].most_common(12))))
+    return dict(config=label, per_elem=round(per_elem, 2), mufu_per_elem=round(mufu, 2),
+                mem_insn_per_elem=round(mem, 2), kernels=kernels)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rev", help="measure the kernel file of this git revision instead of the working tree")
+    ap.add_argument("--B", type=int, default=4096)
+    ap.add_argument("--L", default="600,9605,100000", help="comma-separated label counts")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--all-candidates", action="store_true", help="every GPU tuning candidate, not just the default")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--dump", metavar="DIR", help="write each kernel's SASS and PTX here")
+    args = ap.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    results = []
+    print(f"triton {triton.__version__}, target sm_90; B={args.B}, logits {args.dtype}, pseudo fp16")
+    print("| L | config | SASS/elem | MUFU/elem | LDG+STG/elem | kernel: regs, spill B, SASS/elem |")
+    print("|---:|:---|---:|---:|---:|:---|")
+    for L in [int(x) for x in args.L.split(",")]:
+        runs = []
+        if args.rev:
+            runs.append(launches_rev(args.rev, args.B, L, dtype))
+        else:
+            import pml_scale.kernels.partial_label as pl
+            cfgs = pl.candidate_configs(args.B, L) if args.all_candidates else [pl.heuristic_config(args.B, L, interpret=False)]
+            runs += [launches_current(args.B, L, dtype, cfg) for cfg in cfgs]
+        for label, calls, trips, ept in runs:
+            dump = Path(args.dump) / f"L{L}_{label.replace(':', '_')}" if args.dump else None
+            r = measure(label, calls, trips, ept, dump)
+            r.update(B=args.B, L=L, dtype=args.dtype, rev=args.rev or "worktree")
+            results.append(r)
+            ks = "; ".join(f"{k['kernel']}: {k['regs']}, {k['local_bytes']}, {k['per_elem']}" for k in r["kernels"])
+            print(f"| {L} | {label} | {r['per_elem']} | {r['mufu_per_elem']} | {r['mem_insn_per_elem']} | {ks} |",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, target="sm_90", results=results),
+                                              indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
