@@ -48,6 +48,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 _INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRA = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 
 
 def tool(name: str) -> str:
@@ -105,12 +106,13 @@ def compile_sass(kernel, args, kwargs, dump: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(ck.asm["cubin"])
-        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool("nvdisasm"), "-c", "-g", str(cubin)], capture_output=True, text=True).stdout
         res = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{kernel.fn.__name__}.sass").write_text(sass)
         (dump / f"{kernel.fn.__name__}.ptx").write_text(ck.asm["ptx"])
+        (dump / f"{kernel.fn.__name__}.cubin").write_bytes(ck.asm["cubin"])
     m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
     return dict(sass=sass, regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
                 num_warps=opts.get("num_warps", 4))
@@ -119,8 +121,12 @@ def compile_sass(kernel, args, kwargs, dump: Path | None = None) -> dict:
 def analyse(sass: str, loop_trips: int) -> dict:
     """Instructions on the main path, per thread: straight-line code before the first global
     atomic (the ticket) plus each loop before it × ``loop_trips``."""
-    insns, labels = [], {}
+    insns, labels, where, cur = [], {}, [], "?"
     for line in sass.splitlines():
+        fm = _LINE.search(line)
+        if fm:
+            cur = f"{Path(fm.group(1)).name}:{fm.group(2)}"
+            continue
         lm = _LABEL.match(line)
         if lm:
             labels[lm.group(1)] = len(insns)
@@ -128,6 +134,7 @@ def analyse(sass: str, loop_trips: int) -> dict:
         im = _INSN.match(line)
         if im:
             insns.append(im.group(2))
+            where.append(cur)
     end = next((i for i, s in enumerate(insns) if re.search(r"\b(ATOMG|ATOM|RED)\b", s)), len(insns))
     loops = []
     for i, s in enumerate(insns[:end]):
@@ -138,11 +145,14 @@ def analyse(sass: str, loop_trips: int) -> dict:
     for a, b in loops:
         for j in range(a, b + 1):
             in_loop[j] = True
-    ops = Counter()
+    ops, lines = Counter(), Counter()
     for j in range(end):
         op = insns[j].split()[0] if not insns[j].startswith("@") else insns[j].split()[1]
-        ops[op.split(".")[0]] += loop_trips if in_loop[j] else 1
-    return dict(total=len(insns), main=sum(ops.values()), ops=ops, loops=[b - a + 1 for a, b in loops])
+        n = loop_trips if in_loop[j] else 1
+        ops[op.split(".")[0]] += n
+        lines[where[j]] += n
+    return dict(total=len(insns), main=sum(ops.values()), ops=ops, lines=lines,
+                loops=[b - a + 1 for a, b in loops])
 
 
 # ------------------------------------------------------------------ the launches of one problem
@@ -215,7 +225,8 @@ def measure(label, calls, trips, ept, dump=None) -> dict:
         kernels.append(dict(kernel=k.fn.__name__, grid=list(grid), regs=c["regs"], local_bytes=c["local"],
                             num_warps=c["num_warps"], sass_total=a["total"], loop_bodies=a["loops"],
                             elems_per_thread=e * t, main_path=a["main"], per_elem=round(pe, 2),
-                            top_ops=dict(a["ops"].most_common(12))))
+                            top_ops=dict(a["ops"].most_common(12)),
+                            top_lines={k: round(v / (e * t), 2) for k, v in a["lines"].most_common(25)}))
     return dict(config=label, per_elem=round(per_elem, 2), mufu_per_elem=round(mufu, 2),
                 mem_insn_per_elem=round(mem, 2), kernels=kernels)
 
@@ -229,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-candidates", action="store_true", help="every GPU tuning candidate, not just the default")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--dump", metavar="DIR", help="write each kernel's SASS and PTX here")
+    ap.add_argument("--lines", type=int, default=0, metavar="N",
+                    help="also print the N source lines costing the most SASS per element")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
     results = []
@@ -251,6 +264,8 @@ def main(argv=None) -> int:
             ks = "; ".join(f"{k['kernel']}: {k['regs']}, {k['local_bytes']}, {k['per_elem']}" for k in r["kernels"])
             print(f"| {L} | {label} | {r['per_elem']} | {r['mufu_per_elem']} | {r['mem_insn_per_elem']} | {ks} |",
                   flush=True)
+            for k in r["kernels"] if args.lines else ():
+                print(f"    {k['kernel']}: " + ", ".join(f"{ln} {v}" for ln, v in list(k["top_lines"].items())[:args.lines]))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, target="sm_90", results=results),
                                               indent=1, default=str))

@@ -109,7 +109,12 @@ def _picked(rmix, cmix, thr):
     h = h ^ (h >> 13)
     h = h * 0xC2B2AE35
     h = h ^ (h >> 16)
-    return (h >> 8) < thr
+    return (h >> 8) < thr  # thr is uint32 (see _thr_u32): an unsigned 32-bit compare
+
+
+@triton.jit
+def _thr_u32(thr):
+    return thr.to(tl.uint32)
 
 
 @triton.jit
@@ -124,8 +129,8 @@ def _offs(r, c, L, s_b, s_l, CONTIG: tl.constexpr):
 @triton.jit
 def _counts(st, sel):
     """N_e and |S| of a slot packed in one int32 (N_e + |S|·2^16): one reduction for both.
-    Exact while a reduced tile holds fewer than 2^16 slots of a row (tiles are <= 16384)."""
-    return ((st == 0) | (st == 1)).to(tl.int32) + (sel.to(tl.int32) << 16)
+    Exact while a reduced tile holds fewer than 2^15 slots of a row (tiles are <= 16384)."""
+    return tl.where((st == 0) | (st == 1), 1, 0) + tl.where(sel, 65536, 0)
 
 
 @triton.jit
@@ -141,7 +146,8 @@ def _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR: tl.constexpr):
 
 @triton.jit
 def _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
-    """Per-row p, the four element weights and the gradient scale -p/num_rows.
+    """Per-row p, the four element weights pre-multiplied by the gradient scale g = -p/num_rows,
+    and p·ln2/g = -ln2·num_rows, which turns a row's sum of those terms back into L_i.
 
     Divisions happen here, once per row; the element loop only multiplies.
     """
@@ -153,48 +159,54 @@ def _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
     p = tl.where(big, 2.0, 1.0)
     nef = ne.to(tl.float32)
     nsf = ns.to(tl.float32)
-    inv_ne = tl.where(nef > 0.0, 1.0 / tl.maximum(nef, 1.0), 0.0)
-    ds = tl.where(nsf > 0.0, d / tl.maximum(nsf, 1.0), 0.0)
-    return p, a * inv_ne, b * inv_ne, a * ds, b * ds, -p * inv_n
+    g = -p * inv_n
+    gi = tl.where(nef > 0.0, g / tl.maximum(nef, 1.0), 0.0)
+    gs = tl.where(nsf > 0.0, g * d / tl.maximum(nsf, 1.0), 0.0)
+    return p, a * gi, b * gi, a * gs, b * gs, -0.6931471805599453 / inv_n
 
 
 @triton.jit
 def _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
-    """Per element: loss term, ŷ, and (w⁺(1-ŷ) - w⁻ŷ), the gradient before the row scale.
+    """Per element: the scaled loss term g·t/ln2, ŷ, and the gradient g·(w⁺(1-ŷ) - w⁻ŷ).
 
-    One exp, one log, one reciprocal: t = e^-|s|, u = 1 + t, r = 1/u give σ(s) and 1-σ(s)
-    without cancellation (r and t·r, swapped by the sign of s) and log1p(t) = log u for both
-    softplus terms. FAST (GPU) uses the MUFU forms (ex2, lg2, rcp; ~2 ulp). The row weights
-    come broadcast-ready ([BB, 1] or scalars).
+    The weights come pre-multiplied by the row's gradient scale g (``_row_coefs``) and
+    broadcast-ready ([BB, 1] or scalars). One exp, one log, one reciprocal, all base 2:
+    x = s·log2(e), t = 2^-|x|, u = 1 + t, r = 1/u give σ(s) and 1-σ(s) without cancellation
+    (r and t·r, swapped by the sign of s) and log2(1+e^-|s|) = log2 u for both softplus terms
+    (softplus(∓s)/ln2 = max(∓x, 0) + log2 u). FAST (GPU) uses the MUFU forms (ex2, lg2, rcp
+    approx, ~2 ulp); the interpreter the exact ones.
     """
+    x = s * 1.4426950408889634
     if FAST:
-        t = tl.exp2(tl.abs(s) * -1.4426950408889634)
+        t = tl.exp2(-tl.abs(x))
         u = 1.0 + t
-        r = libdevice.fast_dividef(1.0, u)
-        lp = libdevice.fast_logf(u)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        lp = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                       is_pure=True, pack=1)
     else:
-        t = tl.exp(-tl.abs(s))
+        t = tl.exp2(-tl.abs(x))
         u = 1.0 + t
         r = 1.0 / u
-        lp = tl.log(u)
+        lp = tl.log2(u)
     tr = t * r
     nonneg = s >= 0.0
     y = tl.where(nonneg, r, tr)
     omy = tl.where(nonneg, tr, r)
-    # ỹ is 0 outside S, so a_s·ỹ needs no select; (1-ỹ) does.
-    w_pos = tl.where(st == 1, a_ne, a_s * yt)
-    w_neg = tl.where(st == 0, b_ne, tl.where(sel, b_s * (1.0 - yt), 0.0))
-    term = w_pos * (tl.maximum(-s, 0.0) + lp) + w_neg * (tl.maximum(s, 0.0) + lp)
-    gpart = w_pos * omy - w_neg * y
-    return term, y, gpart
+    ys = tl.where(sel, yt, 0.0)
+    w_pos = tl.where(st == 1, a_ne, a_s * ys)
+    w_neg = tl.where(st == 0, b_ne, tl.where(sel, b_s - b_s * ys, 0.0))
+    term = w_pos * (tl.maximum(-x, 0.0) + lp) + w_neg * (tl.maximum(x, 0.0) + lp)
+    grad = w_pos * omy - w_neg * y
+    return term, y, grad
 
 
 @triton.jit
-def _store_out(grad_ptr, yhat_ptr, picks_ptr, off, mask, y, gpart, gscale, rmix, cmix, thr,
+def _store_out(grad_ptr, yhat_ptr, picks_ptr, off, mask, y, grad, rmix, cmix, thr,
                STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr):
     tl.store(yhat_ptr + off, y.to(tl.float16), mask=mask)
     if STORE_GRAD:
-        tl.store(grad_ptr + off, (gscale * gpart).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + off, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     if STORE_PICKS:  # test hook: the raw pick bits, before intersecting with missing
         tl.store(picks_ptr + off, _picked(rmix, cmix, thr).to(tl.int8), mask=mask)
 
@@ -221,12 +233,13 @@ def _finish_mean(out_ptr, cnt_ptr, B, n_tickets, inv_n):
 @triton.jit
 def _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl,
               thr, CONTIG: tl.constexpr):
-    """Loads of one [BB, W] tile of the row path; ỹ is read only where picked and missing."""
+    """Loads of one [BB, W] tile of the row path. ỹ is loaded under the bounds mask only (a
+    per-element mask would split vector loads) and used where picked and missing."""
     mask = ok2 & (c < L)
     s = tl.load(logits_ptr + _offs(r2, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
     st = tl.load(states_ptr + _offs(r2, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    yt = tl.load(pseudo_ptr + _offs(r2, c, L, s_pb, s_pl, CONTIG), mask=mask, other=0.0).to(tl.float32)
     sel = (st == -1) & _picked(rmix2, _col_mix(c), thr)
-    yt = tl.load(pseudo_ptr + _offs(r2, c, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0).to(tl.float32)
     return s, st, sel, yt, mask
 
 
@@ -241,6 +254,7 @@ def _row_kernel(
     BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
     """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile."""
+    thr = _thr_u32(thr)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -262,23 +276,22 @@ def _row_kernel(
         cnt += tl.sum(_counts(st2, sel2), axis=1)
 
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
-    p, a_ne, b_ne, a_s, b_s, gscale = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
-                                                 P_PRINTED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
+                                                  P_PRINTED)
     a_ne = a_ne[:, None]
     b_ne = b_ne[:, None]
     a_s = a_s[:, None]
     b_s = b_s[:, None]
-    g2 = gscale[:, None]
-    term, y, gpart = _elem(s1, st1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
-    _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c1, m1, y, gpart, g2, rmix2, _col_mix(c1), thr,
+    term, y, grad = _elem(s1, st1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c1, m1, y, grad, rmix2, _col_mix(c1), thr,
                STORE_GRAD, STORE_PICKS)
-    acc = tl.sum(term, axis=1)  # masked-out slots have st = 2 and ỹ = 0: zero weights, zero term
+    acc = tl.sum(term, axis=1)  # masked-out slots have st = 2: zero weights, zero term
     if W2 > 0:
-        term, y, gpart = _elem(s2, st2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
-        _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c2, m2, y, gpart, g2, rmix2, _col_mix(c2), thr,
+        term, y, grad = _elem(s2, st2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c2, m2, y, grad, rmix2, _col_mix(c2), thr,
                    STORE_GRAD, STORE_PICKS)
         acc += tl.sum(term, axis=1)
-    tl.store(out_ptr + rows64, p * acc, mask=row_ok)
+    tl.store(out_ptr + rows64, acc * to_loss, mask=row_ok)
     tl.store(out_ptr + B + rows64, p, mask=row_ok)
     _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
 
@@ -290,6 +303,7 @@ def _split_stats_kernel(
     CONTIG: tl.constexpr, W: tl.constexpr,
 ):
     """Pass 1 of the split path: max, N_e and |S| of one column tile of one row."""
+    thr = _thr_u32(thr)
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
@@ -316,6 +330,7 @@ def _split_fused_kernel(
     W: tl.constexpr, KP: tl.constexpr,
 ):
     """Pass 2 of the split path: the row's stats from its K tile partials, then one tile."""
+    thr = _thr_u32(thr)
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
@@ -323,9 +338,9 @@ def _split_fused_kernel(
     mask = c < L
     s = tl.load(logits_ptr + _offs(r, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
     st = tl.load(states_ptr + _offs(r, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    yt = tl.load(pseudo_ptr + _offs(r, c, L, s_pb, s_pl, CONTIG), mask=mask, other=0.0).to(tl.float32)
     cmix = _col_mix(c)
     sel = (st == -1) & _picked(rmix, cmix, thr)
-    yt = tl.load(pseudo_ptr + _offs(r, c, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0).to(tl.float32)
 
     kk = tl.arange(0, KP)
     pm = kk < K
@@ -334,11 +349,11 @@ def _split_fused_kernel(
     ne = tl.sum(tl.load(part_ptr + NK + pidx, mask=pm, other=0.0), axis=0)
     ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
-    p, a_ne, b_ne, a_s, b_s, gscale = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
-    term, y, gpart = _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
-    _store_out(grad_ptr, yhat_ptr, picks_ptr, r * L + c, mask, y, gpart, gscale, rmix, cmix, thr,
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
+    term, y, grad = _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, r * L + c, mask, y, grad, rmix, cmix, thr,
                STORE_GRAD, STORE_PICKS)
-    tl.store(part_ptr + 3 * NK + r * K + k, p * tl.sum(term, axis=0))
+    tl.store(part_ptr + 3 * NK + r * K + k, tl.sum(term, axis=0) * to_loss)
 
     # The last tile of this row to finish sums the row's partials (fixed order) ...
     tl.debug_barrier()
@@ -361,6 +376,7 @@ def _picked_sums_kernel(
 ):
     """Σ ỹ and the count over picked missing entries of one tile; the last program totals
     all tiles in a fixed order (fp64), so the result is deterministic."""
+    thr = _thr_u32(thr)
     pid = tl.program_id(0)
     k = tl.program_id(1)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
