@@ -164,7 +164,8 @@ def fake_inputs(B, L, dtype):
             torch.empty((B, L), dtype=torch.float16), torch.empty((B,), dtype=torch.int64))
 
 
-def launches_current(B, L, dtype, cfg=None, need_grad=True):
+def launches_current(B, L, dtype, all_candidates=False, need_grad=True):
+    """[(label, calls, loop trips, elements per thread per call)] for this tree's configs."""
     sys.path.insert(0, str(REPO))
     import pml_scale.kernels.partial_label as pl
 
@@ -173,16 +174,21 @@ def launches_current(B, L, dtype, cfg=None, need_grad=True):
     plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=False, p_rule="text",
                     coef_ptr=False, block_l=None)
     plan.flags["FAST"] = True
-    cfg = cfg or pl.heuristic_config(B, L, interpret=False)
+    cfgs = (pl.candidate_configs(B, L, window=plan.window) if all_candidates
+            else [pl.heuristic_config(B, L, interpret=False, window=plan.window)])
     yhat = torch.empty((B, L), dtype=torch.float16)
     grad = torch.empty((B, L), dtype=dtype)
     out = torch.empty(2 * B + 1)
     a = (logits, states, pseudo, ids, out, grad, yhat, out, yhat)
     scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 0)
-    with Capture([pl._row_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
-        pl._launch(plan, cfg, a, scalars)
-    ept = [cfg.block_b * (cfg.w1 + cfg.w2) / (32 * kw.get("num_warps", 4)) for _, _, _, kw in cap.calls]
-    return cfg.label(), cap.calls, [1] * len(cap.calls), ept
+    runs = []
+    for cfg in cfgs:
+        with Capture([pl._row_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
+            pl._launch(plan, cfg, a, scalars)
+        ept = [cfg.block_b * (cfg.w1 + cfg.w2) / (32 * kw.get("num_warps", 4)) for _, _, _, kw in cap.calls]
+        label = cfg.label() + (":window" if plan.window else "")
+        runs.append((label, cap.calls, [1] * len(cap.calls), ept))
+    return runs
 
 
 def launches_rev(rev, B, L, dtype):
@@ -249,13 +255,10 @@ def main(argv=None) -> int:
     print("| L | config | SASS/elem | MUFU/elem | LDG+STG/elem | kernel: regs, spill B, SASS/elem |")
     print("|---:|:---|---:|---:|---:|:---|")
     for L in [int(x) for x in args.L.split(",")]:
-        runs = []
         if args.rev:
-            runs.append(launches_rev(args.rev, args.B, L, dtype))
+            runs = [launches_rev(args.rev, args.B, L, dtype)]
         else:
-            import pml_scale.kernels.partial_label as pl
-            cfgs = pl.candidate_configs(args.B, L) if args.all_candidates else [pl.heuristic_config(args.B, L, interpret=False)]
-            runs += [launches_current(args.B, L, dtype, cfg) for cfg in cfgs]
+            runs = launches_current(args.B, L, dtype, args.all_candidates)
         for label, calls, trips, ept in runs:
             dump = Path(args.dump) / f"L{L}_{label.replace(':', '_')}" if args.dump else None
             r = measure(label, calls, trips, ept, dump)

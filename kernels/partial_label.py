@@ -196,7 +196,9 @@ def _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
     ys = tl.where(sel, yt, 0.0)
     w_pos = tl.where(st == 1, a_ne, a_s * ys)
     w_neg = tl.where(st == 0, b_ne, tl.where(sel, b_s - b_s * ys, 0.0))
-    term = w_pos * (tl.maximum(-x, 0.0) + lp) + w_neg * (tl.maximum(x, 0.0) + lp)
+    # softplus(∓s)/ln2 = max(∓x, 0) + log2 u: the max term is |x| on one side only, so
+    # w⁺·softplus(-s) + w⁻·softplus(s) = (w⁺ + w⁻)·log2 u + (x >= 0 ? w⁻ : w⁺)·|x| (no cancellation)
+    term = (w_pos + w_neg) * lp + tl.where(nonneg, w_neg, w_pos) * tl.abs(x)
     grad = w_pos * omy - w_neg * y
     return term, y, grad
 
@@ -231,16 +233,48 @@ def _finish_mean(out_ptr, cnt_ptr, B, n_tickets, inv_n):
 
 
 @triton.jit
-def _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl,
-              thr, CONTIG: tl.constexpr):
-    """Loads of one [BB, W] tile of the row path. ỹ is loaded under the bounds mask only (a
-    per-element mask would split vector loads) and used where picked and missing."""
-    mask = ok2 & (c < L)
-    s = tl.load(logits_ptr + _offs(r2, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    st = tl.load(states_ptr + _offs(r2, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
-    yt = tl.load(pseudo_ptr + _offs(r2, c, L, s_pb, s_pl, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    sel = (st == -1) & _picked(rmix2, _col_mix(c), thr)
-    return s, st, sel, yt, mask
+def _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0, j, lo, hi, BL, L,
+          s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG: tl.constexpr, WINDOW: tl.constexpr):
+    """Loads of one tile: slot j (broadcast-ready) holds flat element f0 + j, column c0 + j.
+
+    The tile owns the columns [lo, hi) of row(s) r (hi <= L). In WINDOW mode f0 is a multiple of
+    16 and the loads are masked only by the end of the tensor (BL, a multiple of 16), so they
+    vectorise for any L; the slots of neighbouring rows are then neutralised (s = 0, state 2).
+    ỹ is loaded under the same mask (a per-element mask would split vector loads) and only
+    used where picked and missing. Returns s (fp32), st, sel, ỹ (fp32), own, output offsets, col.
+    """
+    col = c0 + j
+    own = ok & (col >= lo) & (col < hi)
+    if CONTIG:
+        flat = f0 + j
+        if WINDOW:
+            ld = ok & (flat < BL)
+        else:
+            ld = own
+        s = tl.load(logits_ptr + flat, mask=ld, other=0.0).to(tl.float32)
+        st = tl.load(states_ptr + flat, mask=ld, other=2)
+        yt = tl.load(pseudo_ptr + flat, mask=ld, other=0.0).to(tl.float32)
+        if WINDOW:
+            s = tl.where(own, s, 0.0)
+            st = tl.where(own, st, 2)
+        out = flat
+    else:
+        c64 = col.to(tl.int64)
+        s = tl.load(logits_ptr + r * s_lb + c64 * s_ll, mask=own, other=0.0).to(tl.float32)
+        st = tl.load(states_ptr + r * s_sb + c64 * s_sl, mask=own, other=2)
+        yt = tl.load(pseudo_ptr + r * s_pb + c64 * s_pl, mask=own, other=0.0).to(tl.float32)
+        out = r * L + col
+    sel = (st == -1) & _picked(rmix, _col_mix(col), thr)
+    return s, st, sel, yt, own, out, col
+
+
+@triton.jit
+def _window(base, WINDOW: tl.constexpr):
+    """Start of the aligned window holding flat element ``base`` (int64)."""
+    if WINDOW:
+        return tl.multiple_of((base // 16) * 16, 16)
+    else:
+        return base
 
 
 @triton.jit(do_not_specialize=["key_bits", "thr"])
@@ -249,30 +283,40 @@ def _row_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
-    """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile."""
+    """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile.
+
+    W1 + W2 >= L (+ 15 in WINDOW mode, where a row's window starts up to 15 slots early).
+    """
     thr = _thr_u32(thr)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
+    BL = (B.to(tl.int64) * L // 16) * 16  # == B*L in WINDOW mode (a host precondition)
+    base = rows64 * L
+    f0 = _window(base, WINDOW)
     r2 = rows64[:, None]
     ok2 = row_ok[:, None]
+    f02 = f0[:, None]
+    c02 = (f0 - base).to(tl.int32)[:, None]
     rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
 
-    c1 = tl.arange(0, W1)[None, :]
-    s1, st1, sel1, yt1, m1 = _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c1, L,
-                                       s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, thr, CONTIG)
-    m = tl.max(tl.where(m1, s1, float("-inf")), axis=1)
+    j1 = tl.arange(0, W1)[None, :]
+    s1, st1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j1, 0, L,
+                                                 BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
+                                                 CONTIG, WINDOW)
+    m = tl.max(tl.where(own1, s1, float("-inf")), axis=1)
     cnt = tl.sum(_counts(st1, sel1), axis=1)
     if W2 > 0:
-        c2 = W1 + tl.arange(0, W2)[None, :]
-        s2, st2, sel2, yt2, m2 = _row_tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, rmix2, c2, L,
-                                           s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, thr, CONTIG)
-        m = tl.maximum(m, tl.max(tl.where(m2, s2, float("-inf")), axis=1))
+        j2 = W1 + tl.arange(0, W2)[None, :]
+        s2, st2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j2, 0,
+                                                     L, BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
+                                                     CONTIG, WINDOW)
+        m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=1))
         cnt += tl.sum(_counts(st2, sel2), axis=1)
 
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
@@ -283,12 +327,12 @@ def _row_kernel(
     a_s = a_s[:, None]
     b_s = b_s[:, None]
     term, y, grad = _elem(s1, st1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
-    _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c1, m1, y, grad, rmix2, _col_mix(c1), thr,
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix2, _col_mix(col1), thr,
                STORE_GRAD, STORE_PICKS)
-    acc = tl.sum(term, axis=1)  # masked-out slots have st = 2: zero weights, zero term
+    acc = tl.sum(term, axis=1)  # slots not owned have st = 2 and s = 0: zero weights, zero term
     if W2 > 0:
         term, y, grad = _elem(s2, st2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
-        _store_out(grad_ptr, yhat_ptr, picks_ptr, r2 * L + c2, m2, y, grad, rmix2, _col_mix(c2), thr,
+        _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix2, _col_mix(col2), thr,
                    STORE_GRAD, STORE_PICKS)
         acc += tl.sum(term, axis=1)
     tl.store(out_ptr + rows64, acc * to_loss, mask=row_ok)
@@ -296,25 +340,39 @@ def _row_kernel(
     _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
 
 
+@triton.jit
+def _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix, thr,
+                CONTIG: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr):
+    """Tile k of row r: it owns the columns [k·C, (k+1)·C) with C = W - 16 in WINDOW mode (the
+    aligned window of W slots then covers them), C = W otherwise."""
+    if WINDOW:
+        C: tl.constexpr = W - 16
+    else:
+        C: tl.constexpr = W
+    BL = (B.to(tl.int64) * L // 16) * 16
+    base = r * L
+    f0 = _window(base + k * C, WINDOW)
+    lo = k * C
+    return _tile(logits_ptr, states_ptr, pseudo_ptr, r, r < B, f0, (f0 - base).to(tl.int32), tl.arange(0, W),
+                 lo, tl.minimum(lo + C, L), BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
+
+
 @triton.jit(do_not_specialize=["key_bits", "thr"])
 def _split_stats_kernel(
-    logits_ptr, states_ptr, ids_ptr, part_ptr,
-    L, K, NK, s_lb, s_ll, s_sb, s_sl, s_id, key_bits, thr,
-    CONTIG: tl.constexpr, W: tl.constexpr,
+    logits_ptr, states_ptr, pseudo_ptr, ids_ptr, part_ptr,
+    B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr,
 ):
     """Pass 1 of the split path: max, N_e and |S| of one column tile of one row."""
     thr = _thr_u32(thr)
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
-    c = k * W + tl.arange(0, W)
-    mask = c < L
-    s = tl.load(logits_ptr + _offs(r, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    st = tl.load(states_ptr + _offs(r, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
-    sel = (st == -1) & _picked(rmix, _col_mix(c), thr)
+    s, st, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb,
+                                                s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
     cnt = tl.sum(_counts(st, sel), axis=0)
     idx = r * K + k
-    tl.store(part_ptr + idx, tl.max(tl.where(mask, s, float("-inf")), axis=0))
+    tl.store(part_ptr + idx, tl.max(tl.where(own, s, float("-inf")), axis=0))
     tl.store(part_ptr + NK + idx, (cnt & 0xFFFF).to(tl.float32))  # exact: counts < 2**24
     tl.store(part_ptr + 2 * NK + idx, (cnt >> 16).to(tl.float32))
 
@@ -325,7 +383,7 @@ def _split_fused_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr, part_ptr,
     B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W: tl.constexpr, KP: tl.constexpr,
 ):
@@ -334,14 +392,8 @@ def _split_fused_kernel(
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
-    c = k * W + tl.arange(0, W)
-    mask = c < L
-    s = tl.load(logits_ptr + _offs(r, c, L, s_lb, s_ll, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    st = tl.load(states_ptr + _offs(r, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
-    yt = tl.load(pseudo_ptr + _offs(r, c, L, s_pb, s_pl, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    cmix = _col_mix(c)
-    sel = (st == -1) & _picked(rmix, cmix, thr)
-
+    s, st, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb,
+                                                s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
     kk = tl.arange(0, KP)
     pm = kk < K
     pidx = r * K + kk
@@ -351,7 +403,7 @@ def _split_fused_kernel(
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
     term, y, grad = _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
-    _store_out(grad_ptr, yhat_ptr, picks_ptr, r * L + c, mask, y, grad, rmix, cmix, thr,
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, out, own, y, grad, rmix, _col_mix(col), thr,
                STORE_GRAD, STORE_PICKS)
     tl.store(part_ptr + 3 * NK + r * K + k, tl.sum(term, axis=0) * to_loss)
 
@@ -495,19 +547,27 @@ def _warps_for(elems: int, lo: int = 2, hi: int = 16) -> int:
     return max(lo, min(hi, w))
 
 
-def heuristic_config(B: int, L: int, *, interpret: bool, block_l: int | None = None) -> Config:
-    """The default (untuned) config; ``block_l`` forces the tile width (tests: split path)."""
+def heuristic_config(B: int, L: int, *, interpret: bool, block_l: int | None = None,
+                     window: bool = False) -> Config:
+    """The default (untuned) config; ``block_l`` forces the tile width (tests: split path).
+
+    ``window``: the aligned-window addressing (contiguous inputs, L % 16 != 0), where a row
+    needs 15 more slots than labels.
+    """
+    need = L + 15 if window else L
     if block_l is not None:
         if block_l < 16 or block_l & (block_l - 1) or block_l > ROW_MAX_LANES:
             raise ValueError(f"block_l must be a power of two in [16, {ROW_MAX_LANES}], got {block_l!r}")
-        if L <= block_l:
+        if need <= block_l:
             w1, w2 = block_l, 0
+        elif window and block_l <= 16:
+            raise ValueError(f"block_l must be > 16 here (the aligned window uses 16 slots), got {block_l}")
         elif interpret:
             return Config("split", 1, block_l, 0, 1)
         else:
             return Config("split", 1, block_l, 0, _warps_for(block_l, hi=8))
     else:
-        w1, w2 = row_tiles(L)
+        w1, w2 = row_tiles(need)
         if w1 + w2 > ROW_MAX_LANES:
             if interpret:
                 return Config("split", 1, ROW_MAX_LANES, 0, 1)
@@ -527,9 +587,9 @@ def _floor_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-def candidate_configs(B: int, L: int) -> list[Config]:
+def candidate_configs(B: int, L: int, *, window: bool = False) -> list[Config]:
     """What the GPU tuner times for a B×L problem (first entry = the heuristic)."""
-    base = heuristic_config(B, L, interpret=False)
+    base = heuristic_config(B, L, interpret=False, window=window)
     if L <= 2048:
         return [base]  # small rows: the time is host overhead, not the kernel
     cands = [base]
@@ -538,9 +598,9 @@ def candidate_configs(B: int, L: int) -> list[Config]:
             c = base._replace(num_warps=nw)
             if c not in cands:
                 cands.append(c)
-    cands += [Config("split", 1, 4096, 0, 8), Config("split", 1, 2048, 0, 4)]
+    cands += [Config("split", 1, 4096, 0, 8), Config("split", 1, 2048, 0, 4), Config("split", 1, 4096, 0, 4)]
     if base.path == "split":
-        cands += [Config("split", 1, 8192, 0, 16), Config("split", 1, 4096, 0, 4)]
+        cands += [Config("split", 1, 8192, 0, 16), Config("split", 1, 8192, 0, 8)]
     out = []
     for c in cands:
         if c not in out:
@@ -674,7 +734,7 @@ def _sm_count(dev: torch.device) -> int:
 class _Plan:
     """Everything about a call that depends only on shapes, dtypes, strides, device and flags."""
 
-    __slots__ = ("B", "L", "dev", "cuda", "contig", "strides", "flags", "cfg", "tune_key", "block_l",
+    __slots__ = ("B", "L", "dev", "cuda", "contig", "window", "strides", "flags", "cfg", "tune_key", "block_l",
                  "dtype", "tuned")
 
     def __init__(self, logits, states, pseudo, ids, *, need_grad, return_picks, p_rule, coef_ptr, block_l):
@@ -684,19 +744,22 @@ class _Plan:
         self.dtype = logits.dtype
         contig = all(t.stride() == (L, 1) for t in (logits, states, pseudo))
         self.contig = contig
+        # aligned windows make loads vectorise when rows are not 16-aligned; they need the
+        # tensor to end on a 16-element boundary (B*L % 16 == 0, e.g. any B that is a multiple of 16)
+        self.window = window = contig and L % 16 != 0 and (B * L) % 16 == 0
         self.strides = (logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
                         pseudo.stride(0), pseudo.stride(1), ids.stride(0))
-        self.flags = dict(CONTIG=contig, COEF_PTR=coef_ptr, P_PRINTED=(p_rule == "printed"),
+        self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, P_PRINTED=(p_rule == "printed"),
                           STORE_GRAD=need_grad, STORE_PICKS=return_picks, FAST=self.cuda)
         self.block_l = block_l
         self.cfg = _forced_config() if block_l is None else None
         if self.cfg is not None:
-            _check_fits(self.cfg, L)
+            _check_fits(self.cfg, L, window)
         else:
-            self.cfg = heuristic_config(B, L, interpret=not self.cuda, block_l=block_l)
+            self.cfg = heuristic_config(B, L, interpret=not self.cuda, block_l=block_l, window=window)
         # tuned on the GPU at the first launch unless forced or disabled
         self.tuned = not (self.cuda and block_l is None and _forced_config() is None and _tuning_enabled())
-        self.tune_key = (min(_next_pow2(B), 8192), L, logits.dtype, pseudo.dtype, contig, need_grad)
+        self.tune_key = (min(_next_pow2(B), 8192), L, logits.dtype, pseudo.dtype, contig, window, need_grad)
 
 
 def _forced_config() -> Config | None:
@@ -708,10 +771,14 @@ def _tuning_enabled() -> bool:
     return os.environ.get("PML_KERNEL_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _check_fits(cfg: Config, L: int) -> None:
+def _check_fits(cfg: Config, L: int, window: bool) -> None:
     cfg.check()
-    if cfg.path == "row" and cfg.w1 + cfg.w2 < L:
-        raise ValueError(f"config {cfg.label()} holds {cfg.w1 + cfg.w2} labels per row, fewer than L = {L}")
+    need = L + 15 if window else L
+    if cfg.path == "row" and cfg.w1 + cfg.w2 < need:
+        raise ValueError(f"config {cfg.label()} holds {cfg.w1 + cfg.w2} slots per row, fewer than the {need} "
+                         f"this L = {L} needs")
+    if cfg.path == "split" and window and cfg.w1 <= 16:
+        raise ValueError(f"config {cfg.label()}: split tiles must be wider than 16 here")
 
 
 _PLANS: dict = {}
@@ -773,22 +840,22 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
             logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
             B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
             alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-            f["CONTIG"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+            f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
             cfg.block_b, cfg.w1, cfg.w2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
     W = cfg.w1
-    K = triton.cdiv(L, W)
+    K = triton.cdiv(L, W - 16 if f["WINDOW"] else W)
     NK = B * K
     cnt, part = _workspace(plan.dev, 1 + B, 4 * NK)
     grid = (B, K)
     _split_stats_kernel[grid](
-        logits, states, ids, part, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_id, key_bits, thr,
-        f["CONTIG"], W, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        logits, states, pseudo, ids, part, B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
+        f["CONTIG"], f["WINDOW"], W, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _split_fused_kernel[grid](
         logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
         B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
         alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-        f["CONTIG"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
         W, _next_pow2(K), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -801,7 +868,7 @@ def _tune(plan: _Plan, a: tuple, scalars: tuple) -> Config:
     hit = _TUNED.get(plan.tune_key)
     if hit is not None:
         return hit[0]
-    cands = candidate_configs(plan.B, plan.L)
+    cands = candidate_configs(plan.B, plan.L, window=plan.window)
     if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
         return cands[0]
     times = {}
