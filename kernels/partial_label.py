@@ -127,10 +127,10 @@ def _offs(r, c, L, s_b, s_l, CONTIG: tl.constexpr):
 
 
 @triton.jit
-def _counts(st, sel):
+def _counts(pos, neg, sel):
     """N_e and |S| of a slot packed in one int32 (N_e + |S|·2^16): one reduction for both.
     Exact while a reduced tile holds fewer than 2^15 slots of a row (tiles are <= 16384)."""
-    return tl.where((st == 0) | (st == 1), 1, 0) + tl.where(sel, 65536, 0)
+    return tl.where(pos | neg, 1, 0) + tl.where(sel, 65536, 0)
 
 
 @triton.jit
@@ -166,7 +166,7 @@ def _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
 
 
 @triton.jit
-def _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
+def _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
     """Per element: the scaled loss term g·t/ln2, ŷ, and the gradient g·(w⁺(1-ŷ) - w⁻ŷ).
 
     The weights come pre-multiplied by the row's gradient scale g (``_row_coefs``) and
@@ -194,8 +194,8 @@ def _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
     y = tl.where(nonneg, r, tr)
     omy = tl.where(nonneg, tr, r)
     ys = tl.where(sel, yt, 0.0)
-    w_pos = tl.where(st == 1, a_ne, a_s * ys)
-    w_neg = tl.where(st == 0, b_ne, tl.where(sel, b_s - b_s * ys, 0.0))
+    w_pos = tl.where(pos, a_ne, a_s * ys)
+    w_neg = tl.where(neg, b_ne, tl.where(sel, b_s - b_s * ys, 0.0))
     # softplus(∓s)/ln2 = max(∓x, 0) + log2 u: the max term is |x| on one side only, so
     # w⁺·softplus(-s) + w⁻·softplus(s) = (w⁺ + w⁻)·log2 u + (x >= 0 ? w⁻ : w⁺)·|x| (no cancellation)
     term = (w_pos + w_neg) * lp + tl.where(nonneg, w_neg, w_pos) * tl.abs(x)
@@ -241,10 +241,11 @@ def _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0, j, lo, hi, BL, L,
     16 and the loads are masked only by the end of the tensor (BL, a multiple of 16), so they
     vectorise for any L; the slots of neighbouring rows are then neutralised (s = 0, state 2).
     ỹ is loaded under the same mask (a per-element mask would split vector loads) and only
-    used where picked and missing. Returns s (fp32), st, sel, ỹ (fp32), own, output offsets, col.
+    used where picked and missing. Returns s (fp32), the owned positive / negative / picked
+    missing slots, ỹ (fp32), own, the output offsets and the columns.
     """
     col = c0 + j
-    own = ok & (col >= lo) & (col < hi)
+    own = ok & ((col - lo).to(tl.uint32) < (hi - lo).to(tl.uint32))  # lo <= col < hi, one compare
     if CONTIG:
         flat = f0 + j
         if WINDOW:
@@ -254,9 +255,11 @@ def _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0, j, lo, hi, BL, L,
         s = tl.load(logits_ptr + flat, mask=ld, other=0.0).to(tl.float32)
         st = tl.load(states_ptr + flat, mask=ld, other=2)
         yt = tl.load(pseudo_ptr + flat, mask=ld, other=0.0).to(tl.float32)
-        if WINDOW:
+        if WINDOW:  # a neighbour's slot: no state, and no inf/nan logit in this row's sums
             s = tl.where(own, s, 0.0)
-            st = tl.where(own, st, 2)
+            st_ok = own
+        else:
+            st_ok = True  # st = 2 (other) outside own
         out = flat
     else:
         c64 = col.to(tl.int64)
@@ -264,8 +267,11 @@ def _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0, j, lo, hi, BL, L,
         st = tl.load(states_ptr + r * s_sb + c64 * s_sl, mask=own, other=2)
         yt = tl.load(pseudo_ptr + r * s_pb + c64 * s_pl, mask=own, other=0.0).to(tl.float32)
         out = r * L + col
-    sel = (st == -1) & _picked(rmix, _col_mix(col), thr)
-    return s, st, sel, yt, own, out, col
+        st_ok = True
+    pos = (st == 1) & st_ok
+    neg = (st == 0) & st_ok
+    sel = (st == -1) & st_ok & _picked(rmix, _col_mix(col), thr)
+    return s, pos, neg, sel, yt, own, out, col
 
 
 @triton.jit
@@ -306,18 +312,18 @@ def _row_kernel(
     rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
 
     j1 = tl.arange(0, W1)[None, :]
-    s1, st1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j1, 0, L,
+    s1, pos1, neg1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j1, 0, L,
                                                  BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
                                                  CONTIG, WINDOW)
     m = tl.max(tl.where(own1, s1, float("-inf")), axis=1)
-    cnt = tl.sum(_counts(st1, sel1), axis=1)
+    cnt = tl.sum(_counts(pos1, neg1, sel1), axis=1)
     if W2 > 0:
         j2 = W1 + tl.arange(0, W2)[None, :]
-        s2, st2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j2, 0,
+        s2, pos2, neg2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j2, 0,
                                                      L, BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
                                                      CONTIG, WINDOW)
         m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=1))
-        cnt += tl.sum(_counts(st2, sel2), axis=1)
+        cnt += tl.sum(_counts(pos2, neg2, sel2), axis=1)
 
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
@@ -326,12 +332,12 @@ def _row_kernel(
     b_ne = b_ne[:, None]
     a_s = a_s[:, None]
     b_s = b_s[:, None]
-    term, y, grad = _elem(s1, st1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix2, _col_mix(col1), thr,
                STORE_GRAD, STORE_PICKS)
-    acc = tl.sum(term, axis=1)  # slots not owned have st = 2 and s = 0: zero weights, zero term
+    acc = tl.sum(term, axis=1)  # slots not owned have no state and s = 0: zero weights, zero term
     if W2 > 0:
-        term, y, grad = _elem(s2, st2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
         _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix2, _col_mix(col2), thr,
                    STORE_GRAD, STORE_PICKS)
         acc += tl.sum(term, axis=1)
@@ -368,9 +374,9 @@ def _split_stats_kernel(
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
-    s, st, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb,
-                                                s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
-    cnt = tl.sum(_counts(st, sel), axis=0)
+    s, pos, neg, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll,
+                                                      s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
+    cnt = tl.sum(_counts(pos, neg, sel), axis=0)
     idx = r * K + k
     tl.store(part_ptr + idx, tl.max(tl.where(own, s, float("-inf")), axis=0))
     tl.store(part_ptr + NK + idx, (cnt & 0xFFFF).to(tl.float32))  # exact: counts < 2**24
@@ -392,8 +398,8 @@ def _split_fused_kernel(
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
-    s, st, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb,
-                                                s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
+    s, pos, neg, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll,
+                                                      s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
     kk = tl.arange(0, KP)
     pm = kk < K
     pidx = r * K + kk
@@ -402,7 +408,7 @@ def _split_fused_kernel(
     ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
     a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
-    term, y, grad = _elem(s, st, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
+    term, y, grad = _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out, own, y, grad, rmix, _col_mix(col), thr,
                STORE_GRAD, STORE_PICKS)
     tl.store(part_ptr + 3 * NK + r * K + k, tl.sum(term, axis=0) * to_loss)
