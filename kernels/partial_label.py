@@ -831,6 +831,54 @@ def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef
 
 # ---------------------------------------------------------------- launches
 
+try:  # the launch hooks (profilers) that the direct launch must respect
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - triton < 3.4: no direct launches
+    _knobs = None
+
+_COMPILED: dict = {}
+
+
+def _fast_launch_enabled() -> bool:
+    return _knobs is not None and os.environ.get("PML_KERNEL_FAST_LAUNCH", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+_FAST_LAUNCH = _fast_launch_enabled()
+
+
+def _aligned(*tensors) -> bool:
+    """All data pointers 16-byte aligned: the specialisation the cached kernels were built for."""
+    acc = 0
+    for t in tensors:
+        acc |= t.data_ptr()
+    return acc & 15 == 0
+
+
+def _int_spec(v: int) -> tuple:
+    """How Triton specialises an int argument: 1 is a constant, else its width and % 16."""
+    return (v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31))
+
+
+def _run_kernel(fn, grid, args, num_warps, num_stages, key) -> None:
+    """``fn[grid](*args)``; with a ``key`` (CUDA, all pointers aligned) the second and later
+    launches call the cached CompiledKernel's launcher directly, as JITFunction.run itself
+    does after binding, which skips Triton's per-call argument binding and cache-key
+    formatting (tens of µs on a host for ~40 arguments). ``key`` must determine every
+    specialisation Triton would compute: kernel, constexprs, options, argument types and
+    the int specialisations; the callers build it from the plan (shapes, strides, dtypes,
+    flags), the config, and the per-call alignment / int specs."""
+    if key is not None:
+        ck = _COMPILED.get(key)
+        if ck is not None and _knobs.runtime.launch_enter_hook is None:
+            ck.run(grid[0], grid[1] if len(grid) > 1 else 1, 1,
+                   torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()),
+                   ck.function, ck.packed_metadata, None, None, None, *args)
+            return
+    ck = fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
+    if key is not None and ck is not None and hasattr(ck, "packed_metadata"):
+        _COMPILED[key] = ck
+
 
 def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
     """Launch ``cfg`` once. a = (logits, states, pseudo, ids, coef, grad, yhat, out, picks)."""
@@ -839,30 +887,34 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
     s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id = plan.strides
     alpha, beta, d, inv_n, p_threshold, key_bits, thr, s_coef = scalars
     f = plan.flags
-    nrb = triton.cdiv(B, cfg.block_b)
+    key = None
+    if plan.cuda and _FAST_LAUNCH and _aligned(*a):
+        key = (plan, cfg, _int_spec(s_coef))
     if cfg.path == "row":
         cnt, _ = _workspace(plan.dev, 1, 0)
-        _row_kernel[(nrb,)](
+        if key is not None and cnt.data_ptr() & 15:
+            key = None
+        _run_kernel(_row_kernel, (triton.cdiv(B, cfg.block_b),), (
             logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
             B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
             alpha, beta, d, inv_n, p_threshold, key_bits, thr,
             f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
-            cfg.block_b, cfg.w1, cfg.w2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
         return
     W = cfg.w1
     K = triton.cdiv(L, W - 16 if f["WINDOW"] else W)
     NK = B * K
     cnt, part = _workspace(plan.dev, 1 + B, 4 * NK)
     grid = (B, K)
-    _split_stats_kernel[grid](
+    _run_kernel(_split_stats_kernel, grid, (
         logits, states, pseudo, ids, part, B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
-        f["CONTIG"], f["WINDOW"], W, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _split_fused_kernel[grid](
+        f["CONTIG"], f["WINDOW"], W), cfg.num_warps, cfg.num_stages, key and key + ("stats", _aligned(part)))
+    _run_kernel(_split_fused_kernel, grid, (
         logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
         B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
         alpha, beta, d, inv_n, p_threshold, key_bits, thr,
         f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
-        W, _next_pow2(K), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        W, _next_pow2(K)), cfg.num_warps, cfg.num_stages, key and key + ("fused", _aligned(cnt, part)))
 
 
 def _tune(plan: _Plan, a: tuple, scalars: tuple) -> Config:
@@ -901,18 +953,27 @@ def _tune(plan: _Plan, a: tuple, scalars: tuple) -> Config:
 
 
 class ForwardResult(NamedTuple):
-    loss: torch.Tensor       # () fp32, mean of row_loss over num_rows
-    row_loss: torch.Tensor   # (B,) fp32
+    loss: torch.Tensor       # () fp32, Σ row_loss / num_rows
     grad: torch.Tensor | None  # (B, L) logits dtype, d loss / d logits
     yhat: torch.Tensor       # (B, L) fp16
     p: torch.Tensor          # (B,) fp32
+    out: torch.Tensor        # (2B+1,) fp32: row_loss | p | loss
     picks: torch.Tensor | None  # (B, L) int8 raw pick bits (test hook)
+
+    @property
+    def row_loss(self) -> torch.Tensor:
+        return self.out[:self.p.shape[0]]
 
 
 def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=None, d, q, seed, epoch,
             p_threshold=0.1, p_rule="text", need_grad=True, block_l=None, return_picks=False,
             num_rows=None) -> ForwardResult:
-    """The one-launch forward behind ``partial_label_forward`` and the autograd op."""
+    """One launch (two for the split path), behind ``partial_label_forward`` and the autograd op.
+
+    Per-call host work is kept to what changes per call: everything that depends only on
+    shapes, dtypes, strides, device and flags is in a cached plan; the outputs are three
+    allocations; the device is switched only when it is not current.
+    """
     coef_ptr = coef is not None
     plan = _get_plan(logits, states, pseudo, sample_ids, need_grad, return_picks, p_rule, coef_ptr, block_l)
     if coef_ptr:
@@ -935,12 +996,12 @@ def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=N
     out = torch.empty(2 * B + 1, dtype=torch.float32, device=dev)
     a = (logits, states, pseudo, sample_ids, coef if coef_ptr else out,
          grad if need_grad else yhat, yhat, out, picks if return_picks else yhat)
-    if plan.cuda and torch.cuda.current_device() != dev.index:
+    if plan.cuda and torch._C._cuda_getDevice() != dev.index:
         with torch.cuda.device(dev):
             _run(plan, a, scalars)
     else:
         _run(plan, a, scalars)
-    return ForwardResult(out[2 * B], out[:B], grad, yhat, out[B:2 * B], picks)
+    return ForwardResult(out[2 * B], grad, yhat, out[B:2 * B], out, picks)
 
 
 def _run(plan: _Plan, a: tuple, scalars: tuple) -> None:
@@ -1010,17 +1071,18 @@ def picked_pseudo_sums(states: torch.Tensor, pseudo: torch.Tensor, sample_ids: t
     NP = grid[0] * grid[1]
     out = torch.empty(2, dtype=torch.float32, device=dev)
     cnt, part = _workspace(dev, 1, 2 * NP)
-    ctx = torch.cuda.device(dev) if dev.type == "cuda" and torch.cuda.current_device() != dev.index else None
-    if ctx is not None:
-        ctx.__enter__()
-    try:
-        _picked_sums_kernel[grid](
-            states, pseudo, sample_ids, out, cnt, part,
+    args = (states, pseudo, sample_ids, out, cnt, part,
             B, L, NP, states.stride(0), states.stride(1), pseudo.stride(0), pseudo.stride(1), sample_ids.stride(0),
-            key_bits, thr, contig, bb, w, num_warps=(1 if interpret else 4))
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+            key_bits, thr, contig, bb, w)
+    key = None
+    if dev.type == "cuda" and _FAST_LAUNCH and _aligned(states, pseudo, sample_ids, out, cnt, part):
+        key = ("picked_sums", dev.index, pseudo.dtype, sample_ids.dtype, grid) + tuple(_int_spec(v) for v in args[6:14]) + (
+            contig, bb, w)
+    if dev.type == "cuda" and torch._C._cuda_getDevice() != dev.index:
+        with torch.cuda.device(dev):
+            _run_kernel(_picked_sums_kernel, grid, args, 4, 1, key)
+    else:
+        _run_kernel(_picked_sums_kernel, grid, args, 1 if interpret else 4, 1, key)
     return out
 
 
@@ -1028,12 +1090,13 @@ def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """x *= g in place for a contiguous x and a one-element device tensor g, without a host
     sync: the kernel reads g and returns at once when it is 1."""
     n = x.numel()
-    block = 4096
     if x.device.type == "cuda":
+        block, num_warps = 4096, 8
         nprog = max(1, min(triton.cdiv(n, block), 4 * _sm_count(x.device)))
-        num_warps = 8
+        key = ("scale", x.device.index, x.dtype, g.dtype, _int_spec(n)) if _FAST_LAUNCH and _aligned(x, g) else None
     else:
         block, num_warps = 65536, 1
         nprog = max(1, triton.cdiv(n, block))
-    _scale_kernel[(nprog,)](x, g, n, block, num_warps=num_warps)
+        key = None
+    _run_kernel(_scale_kernel, (nprog,), (x, g, n, block), num_warps, 1, key)
     return x
