@@ -9,7 +9,8 @@ retain_graph: the first backward through a graph returns the saved buffer itself
 g₁). A later backward through the same retained graph (call n >= 2) never touches that buffer
 again: it returns a new tensor saved × (gₙ / g₁). That is exact when g₁ = 1 (the usual case)
 and one extra rounding otherwise; it is NaN if g₁ was 0. Gradients returned by earlier calls
-are never modified afterwards. Higher-order gradients are not supported (once_differentiable).
+are never modified afterwards. Higher-order gradients (create_graph=True) raise a clear error
+(a second-order gradient through the constant saved gradient would silently be zero).
 Memory: the saved gradient and ŷ (B×L each) live until the graph is freed; backward allocates
 nothing in the first call.
 """
@@ -17,7 +18,6 @@ nothing in the first call.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .partial_label import forward, scale_
 
@@ -42,8 +42,12 @@ class FusedPartialLabelLoss(torch.autograd.Function):
         return r.loss, r.yhat, r.p
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_loss, g_yhat, g_p):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError("fused_partial_label_loss does not support higher-order gradients "
+                               "(create_graph=True): its saved gradient is a constant to autograd, so a "
+                               "second-order gradient through it would be silently zero; use the torch "
+                               "backend of the loss for that")
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         (grad,) = ctx.saved_tensors

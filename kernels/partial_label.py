@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -697,7 +698,7 @@ def _thr(q) -> int:
 def _num_rows_inv(num_rows, B: int) -> float:
     if num_rows is None:
         return 1.0 / B
-    if isinstance(num_rows, bool) or isinstance(num_rows, torch.Tensor):
+    if isinstance(num_rows, bool) or not isinstance(num_rows, numbers.Real):
         raise TypeError(f"num_rows must be a host int or float > 0 (the batch divisor), got {num_rows!r}")
     n = _check_finite("num_rows", num_rows)
     if n <= 0:
