@@ -600,14 +600,11 @@ def candidate_configs(B: int, L: int, *, window: bool = False) -> list[Config]:
     if L <= 2048:
         return [base]  # small rows: the time is host overhead, not the kernel
     cands = [base]
-    if base.path == "row":
-        for nw in (8, 16, 32):
-            c = base._replace(num_warps=nw)
-            if c not in cands:
-                cands.append(c)
-    cands += [Config("split", 1, 4096, 0, 8), Config("split", 1, 2048, 0, 4), Config("split", 1, 4096, 0, 4)]
-    if base.path == "split":
-        cands += [Config("split", 1, 8192, 0, 16), Config("split", 1, 8192, 0, 8)]
+    if base.path == "row":  # whole rows in registers vs. the split path's small tiles
+        cands += [base._replace(num_warps=nw) for nw in (16, 32) if nw != base.num_warps][:1]
+        cands += [Config("split", 1, 4096, 0, 8), Config("split", 1, 4096, 0, 4)]
+    else:
+        cands += [Config("split", 1, 4096, 0, 4), Config("split", 1, 8192, 0, 8), Config("split", 1, 2048, 0, 4)]
     out = []
     for c in cands:
         if c not in out:
