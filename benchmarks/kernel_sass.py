@@ -7,7 +7,8 @@ by 16, ints equal to 1 folded to constants), compiled with
 Triton's bundled ``nvdisasm``. Reported per kernel: registers, local-memory (spill) bytes,
 instructions, and the dynamic instructions per element of the main path
 (straight-line instructions before the final ticket reduction, plus element loops × their trip
-count, per thread, ÷ elements per thread), with the MUFU / memory / integer-multiply share.
+count, per thread, × threads × programs ÷ B·L: masked lanes and per-row work count), with the
+MUFU and global-memory instructions per element.
 
     python benchmarks/kernel_sass.py                  # this tree, B=4096 × L ∈ {600, 9605, 100000}, bf16
     python benchmarks/kernel_sass.py --rev 5d78dc7    # the kernel as of a git revision (before)
@@ -113,6 +114,7 @@ def compile_sass(kernel, args, kwargs, dump: Path | None = None) -> dict:
         (dump / f"{kernel.fn.__name__}.sass").write_text(sass)
         (dump / f"{kernel.fn.__name__}.ptx").write_text(ck.asm["ptx"])
         (dump / f"{kernel.fn.__name__}.cubin").write_bytes(ck.asm["cubin"])
+        (dump / f"{kernel.fn.__name__}.ttgir").write_text(ck.asm["ttgir"])
     m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
     return dict(sass=sass, regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
                 num_warps=opts.get("num_warps", 4))
@@ -165,7 +167,7 @@ def fake_inputs(B, L, dtype):
 
 
 def launches_current(B, L, dtype, all_candidates=False, need_grad=True):
-    """[(label, calls, loop trips, elements per thread per call)] for this tree's configs."""
+    """[(label, calls, loop trips per call)] for this tree's configs."""
     sys.path.insert(0, str(REPO))
     import pml_scale.kernels.partial_label as pl
 
@@ -183,11 +185,10 @@ def launches_current(B, L, dtype, all_candidates=False, need_grad=True):
     scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 0)
     runs = []
     for cfg in cfgs:
-        with Capture([pl._row_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
+        with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
             pl._launch(plan, cfg, a, scalars)
-        ept = [cfg.block_b * (cfg.w1 + cfg.w2) / (32 * kw.get("num_warps", 4)) for _, _, _, kw in cap.calls]
-        label = cfg.label() + (":window" if plan.window else "")
-        runs.append((label, cap.calls, [1] * len(cap.calls), ept))
+        label = cfg.label() + (":window" if plan.window and cfg.block_b == 1 else "")
+        runs.append((label, cap.calls, [1] * len(cap.calls)))
     return runs
 
 
@@ -214,25 +215,30 @@ def launches_rev(rev, B, L, dtype):
     block_b, block_l = kw["BLOCK_B"], kw["BLOCK_L"]
     trips = 1 if kw["SINGLE"] else triton.cdiv(L, block_l)
     label = f"{rev}:bb{block_b}:w{block_l}:nw{kw['num_warps']}:{'single' if kw['SINGLE'] else 'two-sweep'}"
-    # per element: each thread handles block_b*block_l/threads elements per tile, trips tiles per sweep
-    ept = block_b * block_l / (32 * kw["num_warps"])
-    return label, cap.calls, [trips], [ept]
+    return label, cap.calls, [trips]
 
 
-def measure(label, calls, trips, ept, dump=None) -> dict:
+def measure(label, calls, trips, n_elems, dump=None) -> dict:
+    """Per element of the B×L problem: dynamic SASS per thread × threads × programs ÷ (B·L),
+    so masked (wasted) lanes and per-row / per-program work count too."""
     kernels, per_elem, mufu, mem = [], 0.0, 0.0, 0.0
-    for (k, grid, args, kw), t, e in zip(calls, trips, ept):
+    for (k, grid, args, kw), t in zip(calls, trips):
         c = compile_sass(k, args, kw, dump)
         a = analyse(c["sass"], t)
-        pe = a["main"] / (e * t)
+        threads = 32 * c["num_warps"]
+        programs = 1
+        for g in grid:
+            programs *= g
+        scale = threads * programs / n_elems  # thread-instructions per element per instruction
+        pe = a["main"] * scale
         per_elem += pe
-        mufu += a["ops"]["MUFU"] / (e * t)
-        mem += sum(v for o, v in a["ops"].items() if o in ("LDG", "STG", "LD", "ST")) / (e * t)
+        mufu += a["ops"]["MUFU"] * scale
+        mem += sum(v for o, v in a["ops"].items() if o in ("LDG", "STG", "LD", "ST")) * scale
         kernels.append(dict(kernel=k.fn.__name__, grid=list(grid), regs=c["regs"], local_bytes=c["local"],
                             num_warps=c["num_warps"], sass_total=a["total"], loop_bodies=a["loops"],
-                            elems_per_thread=e * t, main_path=a["main"], per_elem=round(pe, 2),
+                            loop_trips=t, main_path_per_thread=a["main"], per_elem=round(pe, 2),
                             top_ops=dict(a["ops"].most_common(12)),
-                            top_lines={k: round(v / (e * t), 2) for k, v in a["lines"].most_common(25)}))
+                            top_lines={k: round(v * scale, 2) for k, v in a["lines"].most_common(25)}))
     return dict(config=label, per_elem=round(per_elem, 2), mufu_per_elem=round(mufu, 2),
                 mem_insn_per_elem=round(mem, 2), kernels=kernels)
 
@@ -259,9 +265,9 @@ def main(argv=None) -> int:
             runs = [launches_rev(args.rev, args.B, L, dtype)]
         else:
             runs = launches_current(args.B, L, dtype, args.all_candidates)
-        for label, calls, trips, ept in runs:
+        for label, calls, trips in runs:
             dump = Path(args.dump) / f"L{L}_{label.replace(':', '_')}" if args.dump else None
-            r = measure(label, calls, trips, ept, dump)
+            r = measure(label, calls, trips, args.B * L, dump)
             r.update(B=args.B, L=L, dtype=args.dtype, rev=args.rev or "worktree")
             results.append(r)
             ks = "; ".join(f"{k['kernel']}: {k['regs']}, {k['local_bytes']}, {k['per_elem']}" for k in r["kernels"])

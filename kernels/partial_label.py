@@ -290,39 +290,37 @@ def _row_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
-    """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile.
+    """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile, W1 + W2 >= L.
 
-    W1 + W2 >= L (+ 15 in WINDOW mode, where a row's window starts up to 15 slots early).
+    Rows are addressed plainly, not through aligned windows: a window's loads vectorise but its
+    stores cannot (row boundaries fall inside vectors), and in a 2-D tile the two layouts make
+    Triton recompute the element math in the store layout (twice the MUFU work on sm_90).
     """
     thr = _thr_u32(thr)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    BL = (B.to(tl.int64) * L // 16) * 16  # == B*L in WINDOW mode (a host precondition)
-    base = rows64 * L
-    f0 = _window(base, WINDOW)
     r2 = rows64[:, None]
     ok2 = row_ok[:, None]
-    f02 = f0[:, None]
-    c02 = (f0 - base).to(tl.int32)[:, None]
+    f02 = r2 * L
     rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
 
     j1 = tl.arange(0, W1)[None, :]
-    s1, pos1, neg1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j1, 0, L,
-                                                 BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
-                                                 CONTIG, WINDOW)
+    s1, pos1, neg1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, 0, j1, 0, L,
+                                                 0, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
+                                                 CONTIG, False)
     m = tl.max(tl.where(own1, s1, float("-inf")), axis=1)
     cnt = tl.sum(_counts(pos1, neg1, sel1), axis=1)
     if W2 > 0:
         j2 = W1 + tl.arange(0, W2)[None, :]
-        s2, pos2, neg2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, c02, j2, 0,
-                                                     L, BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
-                                                     CONTIG, WINDOW)
+        s2, pos2, neg2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, 0, j2, 0,
+                                                     L, 0, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
+                                                     CONTIG, False)
         m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=1))
         cnt += tl.sum(_counts(pos2, neg2, sel2), axis=1)
 
@@ -344,6 +342,57 @@ def _row_kernel(
         acc += tl.sum(term, axis=1)
     tl.store(out_ptr + rows64, acc * to_loss, mask=row_ok)
     tl.store(out_ptr + B + rows64, p, mask=row_ok)
+    _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
+
+
+@triton.jit(do_not_specialize=["key_bits", "thr"])
+def _row1_kernel(
+    logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
+    grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
+    B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    W1: tl.constexpr, W2: tl.constexpr,
+):
+    """One whole row per program as 1-D tiles (W1 + W2 >= L, + 15 in WINDOW mode).
+
+    The 1-D form of ``_row_kernel`` for long rows: the row's scalars stay scalars, and in
+    WINDOW mode the loads vectorise without the 2-D layout conflict described there.
+    """
+    thr = _thr_u32(thr)
+    r = tl.program_id(0).to(tl.int64)
+    rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
+    BL = (B.to(tl.int64) * L // 16) * 16  # == B*L in WINDOW mode (a host precondition)
+    base = r * L
+    f0 = _window(base, WINDOW)
+    c0 = (f0 - base).to(tl.int32)
+    ok = r < B
+    s1, pos1, neg1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0,
+                                                        tl.arange(0, W1), 0, L, BL, L, s_lb, s_ll, s_sb, s_sl,
+                                                        s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
+    m = tl.max(tl.where(own1, s1, float("-inf")), axis=0)
+    cnt = tl.sum(_counts(pos1, neg1, sel1), axis=0)
+    if W2 > 0:
+        s2, pos2, neg2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0,
+                                                            W1 + tl.arange(0, W2), 0, L, BL, L, s_lb, s_ll, s_sb,
+                                                            s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
+        m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=0))
+        cnt += tl.sum(_counts(pos2, neg2, sel2), axis=0)
+    a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
+                                                  P_PRINTED)
+    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix, _col_mix(col1), thr,
+               STORE_GRAD, STORE_PICKS)
+    acc = tl.sum(term, axis=0)
+    if W2 > 0:
+        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix, _col_mix(col2), thr,
+                   STORE_GRAD, STORE_PICKS)
+        acc += tl.sum(term, axis=0)
+    tl.store(out_ptr + r, acc * to_loss)
+    tl.store(out_ptr + B + r, p)
     _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
 
 
@@ -538,14 +587,22 @@ def _next_pow2(n: int) -> int:
 def row_tiles(L: int) -> tuple[int, int]:
     """(W1, W2): one or two power-of-two tiles covering L labels with the least waste.
 
-    9605 -> (8192, 2048), 600 -> (512, 128), 80 -> (64, 16), 1024 -> (1024, 0).
+    9605 -> (8192, 2048), 600 -> (512, 128), 1024 -> (1024, 0). A second tile narrower than 64
+    is not worth it (80 -> (128, 0)): a tile must span at least 32 lanes per warp, or Triton
+    lays the two tiles out differently and converts (and recomputes) between the layouts.
     """
     p = max(16, _next_pow2(L))
     if p == 16 or p == L:
         return p, 0
     lo = p // 2
     w2 = max(16, _next_pow2(L - lo))
-    return (lo, w2) if lo + w2 < p else (p, 0)
+    return (lo, w2) if lo + w2 < p and w2 >= 64 else (p, 0)
+
+
+def _row_warps(bb: int, w1: int, w2: int, hi: int = 32) -> int:
+    """~16 elements per thread, and every warp along the columns of both tiles (W >= 32·warps)."""
+    cap = max(1, min(w1, w2 or w1) // 32)
+    return max(1, min(_warps_for(bb * (w1 + w2), lo=1, hi=hi), cap))
 
 
 def _warps_for(elems: int, lo: int = 2, hi: int = 16) -> int:
@@ -558,14 +615,16 @@ def heuristic_config(B: int, L: int, *, interpret: bool, block_l: int | None = N
                      window: bool = False) -> Config:
     """The default (untuned) config; ``block_l`` forces the tile width (tests: split path).
 
-    ``window``: the aligned-window addressing (contiguous inputs, L % 16 != 0), where a row
-    needs 15 more slots than labels.
+    ``window``: the split path's aligned-window addressing (contiguous inputs, L % 16 != 0),
+    where a tile owns 16 columns fewer than its width.
     """
-    need = L + 15 if window else L
+    need = L  # the row path addresses rows plainly (see _row_kernel)
     if block_l is not None:
         if block_l < 16 or block_l & (block_l - 1) or block_l > ROW_MAX_LANES:
             raise ValueError(f"block_l must be a power of two in [16, {ROW_MAX_LANES}], got {block_l!r}")
-        if need <= block_l:
+        if window and L + 15 <= block_l and B == 1:
+            return Config("row", 1, block_l, 0, 1 if interpret else _row_warps(1, block_l, 0))
+        if need <= block_l and not (window and B == 1):
             w1, w2 = block_l, 0
         elif window and block_l <= 16:
             raise ValueError(f"block_l must be > 16 here (the aligned window uses 16 slots), got {block_l}")
@@ -581,35 +640,49 @@ def heuristic_config(B: int, L: int, *, interpret: bool, block_l: int | None = N
             return Config("split", 1, 4096, 0, 8)
     width = w1 + w2
     if interpret:
-        bb = min(max(1, _INTERP_TILE // width), _next_pow2(B))
-        return Config("row", _floor_pow2(bb), w1, w2, 1)
-    bb = min(max(1, _GPU_TILE // width), _next_pow2(B))
-    bb = _floor_pow2(bb)
-    while bb > 1 and triton.cdiv(B, bb) < _GPU_MIN_PROGRAMS:
-        bb //= 2
-    return Config("row", bb, w1, w2, _warps_for(bb * width, hi=32))
+        bb = _floor_pow2(min(max(1, _INTERP_TILE // width), _next_pow2(B)))
+    else:
+        bb = _floor_pow2(min(max(1, _GPU_TILE // width), _next_pow2(B)))
+        while bb > 1 and triton.cdiv(B, bb) < _GPU_MIN_PROGRAMS:
+            bb //= 2
+    if bb == 1 and window and block_l is None:  # one row per program: 1-D, windowed, 15 slots more
+        w1, w2 = row_tiles(L + 15)
+        if w1 + w2 > ROW_MAX_LANES:
+            return Config("split", 1, ROW_MAX_LANES if interpret else 4096, 0, 1 if interpret else 8)
+    return Config("row", bb, w1, w2, 1 if interpret else _row_warps(bb, w1, w2))
 
 
 def _floor_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
+def _split_widths(L: int, window: bool) -> list[int]:
+    """Split tile widths by the least padding (K tiles of W slots own K·(W - 16·window) columns)."""
+    def lanes(w):
+        return triton.cdiv(L, w - 16 if window else w) * w
+    return sorted((2048, 4096, 8192), key=lambda w: (lanes(w), -w))
+
+
 def candidate_configs(B: int, L: int, *, window: bool = False) -> list[Config]:
-    """What the GPU tuner times for a B×L problem (first entry = the heuristic)."""
+    """What the GPU tuner times for a B×L problem (first entry = the heuristic): the row path
+    with two warp counts against the split path's two best-fitting tile widths."""
     base = heuristic_config(B, L, interpret=False, window=window)
     if L <= 2048:
         return [base]  # small rows: the time is host overhead, not the kernel
     cands = [base]
     if base.path == "row":  # whole rows in registers vs. the split path's small tiles
-        cands += [base._replace(num_warps=nw) for nw in (16, 32) if nw != base.num_warps][:1]
-        cands += [Config("split", 1, 4096, 0, 8), Config("split", 1, 4096, 0, 4)]
-    else:
-        cands += [Config("split", 1, 4096, 0, 4), Config("split", 1, 8192, 0, 8), Config("split", 1, 2048, 0, 4)]
+        cands += [base._replace(num_warps=nw) for nw in (16, 32)
+                  if nw != base.num_warps and nw <= _row_warps(1, base.w1, base.w2)][:1]
+        w = _split_widths(L, window)[0]
+        cands += [Config("split", 1, w, 0, w // 512), Config("split", 1, w, 0, w // 1024)]
+    else:  # 16 and 32 elements per thread, and the least padded width
+        w = _split_widths(L, window)[0]
+        cands += [Config("split", 1, 4096, 0, 4), Config("split", 1, 8192, 0, 8), Config("split", 1, w, 0, w // 1024)]
     out = []
     for c in cands:
         if c not in out:
             out.append(c)
-    return out
+    return out[:4]
 
 
 # ---------------------------------------------------------------- validation
@@ -777,7 +850,7 @@ def _tuning_enabled() -> bool:
 
 def _check_fits(cfg: Config, L: int, window: bool) -> None:
     cfg.check()
-    need = L + 15 if window else L
+    need = L + 15 if window and cfg.block_b == 1 else L  # block_b 1 rows are windowed
     if cfg.path == "row" and cfg.w1 + cfg.w2 < need:
         raise ValueError(f"config {cfg.label()} holds {cfg.w1 + cfg.w2} slots per row, fewer than the {need} "
                          f"this L = {L} needs")
@@ -892,11 +965,19 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
         cnt, _ = _workspace(plan.dev, 1, 0)
         if key is not None and cnt.data_ptr() & 15:
             key = None
+        if cfg.block_b == 1:  # 1-D form; it can use aligned windows
+            _run_kernel(_row1_kernel, (B,), (
+                logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
+                B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+                alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
+                f["FAST"], cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
+            return
         _run_kernel(_row_kernel, (triton.cdiv(B, cfg.block_b),), (
             logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
             B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
             alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-            f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+            f["CONTIG"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
             cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
         return
     W = cfg.w1

@@ -58,14 +58,16 @@ def strided(t: torch.Tensor) -> torch.Tensor:
 
 # (B, L, forced config or None): window mode needs contiguous inputs, L % 16 != 0 and B·L % 16 == 0
 PATH_CASES = [
-    (16, 600, None),                          # row, window, 512 + 128 tiles
+    (16, 600, None),                          # row, 512 + 128 tiles (rows are never windowed)
     (16, 600, "split:bb1:w128:nw4:ns1"),      # split, window (112 owned columns per tile)
     (5, 600, None),                           # row, plain (5·600 % 16 != 0)
     (5, 600, "split:bb1:w256:nw4:ns1"),       # split, plain
     (16, 80, "row:bb4:w64+16:nw4:ns1"),       # row, L % 16 == 0: aligned plain, exactly two tiles
-    (4, 1000, None),                          # row, window, one 1024 tile (1000 + 15 slots)
+    (4, 1000, None),                          # row, one 1024 tile
     (16, 1001, "split:bb1:w512:nw4:ns1"),     # split, window, last tile partly past L
-    (3, 9605, None),                          # row, plain, 8192 + 2048
+    (3, 9605, None),                          # one row per program (1-D), plain, 8192 + 2048
+    (16, 9605, None),                         # one row per program (1-D), window (9605 + 15 slots)
+    (16, 600, "row:bb1:w1024:nw4:ns1"),       # one row per program, window, a single tile
 ]
 
 
