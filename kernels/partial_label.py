@@ -827,15 +827,18 @@ class _Plan:
         self.strides = (logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
                         pseudo.stride(0), pseudo.stride(1), ids.stride(0))
         self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, P_PRINTED=(p_rule == "printed"),
-                          STORE_GRAD=need_grad, STORE_PICKS=return_picks, FAST=self.cuda)
+                          STORE_GRAD=need_grad, STORE_PICKS=return_picks,
+                          FAST=self.cuda and not interpreter_active())  # MUFU forms only when compiled
         self.block_l = block_l
         self.cfg = _forced_config() if block_l is None else None
         if self.cfg is not None:
             _check_fits(self.cfg, L, window)
         else:
-            self.cfg = heuristic_config(B, L, interpret=not self.cuda, block_l=block_l, window=window)
+            self.cfg = heuristic_config(B, L, interpret=not self.cuda or interpreter_active(), block_l=block_l,
+                                        window=window)
         # tuned on the GPU at the first launch unless forced or disabled
-        self.tuned = not (self.cuda and block_l is None and _forced_config() is None and _tuning_enabled())
+        self.tuned = not (self.cuda and block_l is None and _forced_config() is None and _tuning_enabled()
+                          and not interpreter_active())
         self.tune_key = (min(_next_pow2(B), 8192), L, logits.dtype, pseudo.dtype, contig, window, need_grad)
 
 
@@ -1143,7 +1146,7 @@ def picked_pseudo_sums(states: torch.Tensor, pseudo: torch.Tensor, sample_ids: t
     _check_device(dev)
     key_bits, thr = _key_bits(seed, epoch), _thr(q)
     contig = states.stride() == (L, 1) and pseudo.stride() == (L, 1)
-    interpret = dev.type == "cpu"
+    interpret = dev.type == "cpu" or interpreter_active()
     w = min(max(16, _next_pow2(L)), 8192 if interpret else 2048)
     bb = _floor_pow2(min(max(1, (_INTERP_TILE if interpret else 4096) // w), _next_pow2(B)))
     grid = (triton.cdiv(B, bb), triton.cdiv(L, w))
