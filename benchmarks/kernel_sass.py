@@ -13,6 +13,7 @@ MUFU and global-memory instructions per element.
     python benchmarks/kernel_sass.py                  # this tree, B=4096 × L ∈ {600, 9605, 100000}, bf16
     python benchmarks/kernel_sass.py --rev 5d78dc7    # the kernel as of a git revision (before)
     python benchmarks/kernel_sass.py --all-candidates --dtype fp32 --json sass.json
+    python benchmarks/kernel_sass.py --compile-check  # every kernel variant compiles for sm_90
 
 Run without TRITON_INTERPRET (it is cleared here). A static proxy, not a timing: it ignores
 latency, occupancy and memory bandwidth, but counts exactly what each element costs to issue.
@@ -243,6 +244,70 @@ def measure(label, calls, trips, n_elems, dump=None) -> dict:
                 mem_insn_per_elem=round(mem, 2), kernels=kernels)
 
 
+def compile_check() -> int:
+    """Compile every kernel in a matrix of shapes, dtypes, layouts and flags for sm_90: catches
+    errors the interpreter cannot (constexpr-specialised ints, inline PTX, layouts). No GPU."""
+    sys.path.insert(0, str(REPO))
+    import pml_scale.kernels.partial_label as pl
+
+    pl._check_device = lambda dev: None
+    bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    cases = [  # B, L, logits, pseudo, need_grad, picks, p_rule, coef, layout, config (None: all candidates)
+        (256, 600, bf, f16, True, False, "text", False, "contig", None),
+        (256, 600, f16, bf, False, True, "printed", True, "contig", None),
+        (256, 600, f32, f32, True, False, "text", True, "strided", None),
+        (64, 9605, bf, f16, True, True, "printed", True, "contig", None),
+        (63, 9605, f32, f16, False, False, "text", False, "contig", None),
+        (64, 9605, bf, f16, True, False, "text", True, "strided", pl.Config("split", 1, 2048, 0, 4)),
+        (8, 100_000, f32, bf, True, True, "printed", True, "contig", None),
+        (8, 100_003, bf, f16, True, False, "text", False, "strided", None),
+        (1, 1, bf, f16, True, False, "text", True, "contig", None),
+        (2, 1, f32, f16, True, False, "text", False, "contig", pl.Config("split", 1, 16, 0, 1)),
+    ]
+    ok, failed = 0, []
+
+    def try_compile(what, k, args, kw):
+        nonlocal ok
+        try:
+            compile_sass(k, args, kw)
+            ok += 1
+        except Exception as exc:  # noqa: BLE001 - report every failure
+            failed.append(f"{what} {k.fn.__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else exc!r}")
+
+    for B, L, dt, pdt, need_grad, picks, p_rule, coef, layout, cfg in cases:
+        logits, states, pseudo, ids = fake_inputs(B, L, dt)
+        pseudo = pseudo.to(pdt)
+        if layout == "strided":
+            logits = torch.empty((L, B), dtype=dt).t()
+            states = torch.empty((B, 2 * L), dtype=torch.int8)[:, ::2]
+        plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks, p_rule=p_rule,
+                        coef_ptr=coef, block_l=None)
+        plan.flags["FAST"] = True
+        yhat, out = torch.empty((B, L), dtype=f16), torch.empty(2 * B + 1)
+        grad, pk = torch.empty((B, L), dtype=dt), torch.empty((B, L), dtype=torch.int8)
+        a = (logits, states, pseudo, ids, torch.empty(2) if coef else out, grad if need_grad else yhat, yhat, out,
+             pk if picks else yhat)
+        scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 1 if coef else 0)
+        for c in [cfg] if cfg else pl.candidate_configs(B, L, window=plan.window):
+            with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
+                pl._launch(plan, c, a, scalars)
+            for k, grid, args, kw in cap.calls:
+                try_compile(f"{B}x{L} {dt} {layout} {c.label()}", k, args, kw)
+    for B, L, pdt in ((40, 300, f16), (3, 9000, f32), (1, 1, bf)):
+        st, ps = torch.empty((B, L), dtype=torch.int8), torch.empty((B, L), dtype=pdt)
+        with Capture([pl._picked_sums_kernel]) as cap:
+            pl.picked_pseudo_sums(st, ps, torch.empty(B, dtype=torch.int32), q=0.5, seed=1, epoch=0)
+        for k, grid, args, kw in cap.calls:
+            try_compile(f"picked {B}x{L}", k, args, kw)
+    for n, dt in ((1, f32), (70_001, bf), (4096 * 600, f16)):
+        try_compile(f"scale {n} {dt}", pl._scale_kernel, (torch.empty(n, dtype=dt), torch.empty(()), n, 4096),
+                    dict(num_warps=8, num_stages=1))
+    print(f"compiled {ok} kernel variants for sm_90; {len(failed)} failed")
+    for f in failed:
+        print("  FAIL", f)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rev", help="measure the kernel file of this git revision instead of the working tree")
@@ -252,9 +317,13 @@ def main(argv=None) -> int:
     ap.add_argument("--all-candidates", action="store_true", help="every GPU tuning candidate, not just the default")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--dump", metavar="DIR", help="write each kernel's SASS and PTX here")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="only compile every kernel variant (shapes, dtypes, layouts, flags) for sm_90")
     ap.add_argument("--lines", type=int, default=0, metavar="N",
                     help="also print the N source lines costing the most SASS per element")
     args = ap.parse_args(argv)
+    if args.compile_check:
+        return compile_check()
     dtype = DTYPES[args.dtype]
     results = []
     print(f"triton {triton.__version__}, target sm_90; B={args.B}, logits {args.dtype}, pseudo fp16")

@@ -43,10 +43,6 @@ import triton.language as tl
 
 from .pick_hash import GOLDEN, MASK32, PICK_BITS, launch_key, pick_threshold  # noqa: F401 (re-exported)
 
-try:  # the fast MUFU forms; only referenced when FAST (compiled for a GPU)
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - every supported triton has it
-    libdevice = None
 
 P_RULES = ("text", "printed")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -246,7 +242,7 @@ def _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0, j, lo, hi, BL, L,
     missing slots, ỹ (fp32), own, the output offsets and the columns.
     """
     col = c0 + j
-    own = ok & ((col - lo).to(tl.uint32) < (hi - lo).to(tl.uint32))  # lo <= col < hi, one compare
+    own = ok & ((col - lo).to(tl.uint32) < tl.cast(hi - lo, tl.uint32))  # lo <= col < hi, one compare
     if CONTIG:
         flat = f0 + j
         if WINDOW:
@@ -363,7 +359,7 @@ def _row1_kernel(
     thr = _thr_u32(thr)
     r = tl.program_id(0).to(tl.int64)
     rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
-    BL = (B.to(tl.int64) * L // 16) * 16  # == B*L in WINDOW mode (a host precondition)
+    BL = (tl.cast(B, tl.int64) * L // 16) * 16  # == B*L in WINDOW mode (a host precondition)
     base = r * L
     f0 = _window(base, WINDOW)
     c0 = (f0 - base).to(tl.int32)
@@ -405,7 +401,7 @@ def _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb
         C: tl.constexpr = W - 16
     else:
         C: tl.constexpr = W
-    BL = (B.to(tl.int64) * L // 16) * 16
+    BL = (tl.cast(B, tl.int64) * L // 16) * 16
     base = r * L
     f0 = _window(base + k * C, WINDOW)
     lo = k * C
