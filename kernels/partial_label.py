@@ -4,26 +4,36 @@ One pass reads logits, label states and pseudo labels, draws the q-picks of miss
 in-kernel (the counter-based hash of ``pml_scale.losses.picks``, bit for bit, in uint32
 arithmetic) and writes, per row, the loss L_i and the penalty p_i, per element the gradient
 dL/ds (already divided by the batch divisor, kept for backward) and ŷ = σ(s) in fp16, and the
-batch mean of L_i (reduced in the kernel: the last program to finish sums the rows in a fixed
-order, so the value does not depend on scheduling).
+batch mean of L_i. The mean is reduced in the kernel: every program takes a ticket (an atomic
+counter in a per-stream workspace that the last program resets) and the last one sums the
+rows in a fixed order, so the value does not depend on scheduling.
 
 Why two paths: p_i needs the row max and the row normalisers need N_e and |S|, all row-wide,
 before any element's gradient can be written.
-- ``row``: one program holds BLOCK_B whole rows in registers as one or two power-of-two tiles
-  (W1 + W2 >= L, e.g. 8192 + 2048 for 9605 labels, 512 + 128 for 600): every input byte is
-  read once. Used for L <= 16384.
-- ``split``: for longer rows one program per (row block, column tile): a stats kernel writes
-  per-tile max and counts, then the fused kernel combines a row's tile stats and computes its
-  tile; per-row-block tickets let the last tile of a row sum the row's loss. Logits and states
-  are read twice (12 instead of 9 bytes per bf16 element) but the GPU is filled at any B.
+- ``row`` (L <= 16384): a program holds whole rows in registers as one or two power-of-two
+  tiles (W1 + W2 >= L: 8192 + 2048 for 9605 labels, 512 + 128 for 600), so every input byte is
+  read once. BLOCK_B > 1 rows: ``_row_kernel`` (2-D tiles); one row: ``_row1_kernel`` (1-D).
+- ``split`` (any L): one program per (row, column tile); a stats kernel writes per-tile max and
+  counts, the fused kernel combines its row's partials and computes its tile, and a per-row
+  ticket lets the row's last tile sum the row loss. Logits and states are read twice (12
+  instead of 9 bytes per bf16 element) but the GPU is filled at any B.
+On a GPU the first call for a (B bucket, L, dtypes) times a few candidates of both paths and
+keeps the fastest (``candidate_configs``, ``tuned_configs``); every config computes the same
+per-element gradient bits, only the loss's summation order differs.
 
-The element loop costs one exp, one log and one reciprocal (fast MUFU forms on the GPU, the
-exact ones under the interpreter); reciprocals of the row counts are taken once per row; the
-pick hash is one fmix32 per element with its first xor-shift split into a per-row and a
-per-column half (xor and logical shifts commute).
+The element loop costs one exp2, one lg2 and one reciprocal (MUFU forms on the GPU, exact under
+the interpreter), no division (the row's reciprocals and the gradient scale are folded into
+four per-row weights), and one pick hash: fmix32 with its first xor-shift split into a per-row
+and a per-column half (xor and logical shifts commute).
 
-Inputs may be non-contiguous (a slower addressing variant is compiled for that); outputs are
-always contiguous. Offsets are int64, so B×L beyond 2**31 is fine.
+Addressing: contiguous inputs use flat offsets. When rows are not 16-aligned (L % 16 != 0) but
+the tensor ends on a 16-element boundary (B·L % 16 == 0), the 1-D kernels read aligned windows
+of whole vectors (``_tile``, WINDOW) so loads vectorise for any L. Strided inputs get a
+stride-addressed variant (correct, slower). Outputs are contiguous. Offsets are int64.
+
+Host path: per-call work is kept to what changes per call (a cached ``_Plan`` holds the rest),
+and after the first launch of a specialisation the cached CompiledKernel's launcher is called
+directly (``_run_kernel``), skipping Triton's per-call argument binding.
 
 The host-side key and threshold live in ``pick_hash`` (no triton import), shared with the
 PyTorch reference in ``pml_scale.losses.picks``. Autograd lives in ``ops``.
