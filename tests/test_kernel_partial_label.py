@@ -84,20 +84,16 @@ def make_inputs(B, L, *, gen_seed=0, dtype=torch.float32, pseudo_dtype=torch.flo
 
 
 def assert_yhat(yhat: torch.Tensor, logits: torch.Tensor) -> None:
-    """ŷ is fp32 1/(1+exp(-s)) rounded to fp16, the formula torch.sigmoid uses.
+    """ŷ is σ(s) rounded to fp16: within 1 fp16 ulp of the float64 sigmoid, equal on >= 99.8%.
 
-    Bit-exact against that formula evaluated with numpy float32 (the interpreter's exp). Against
-    torch.sigmoid itself, fp32 exp implementations differ in the last ulp (numpy vs SLEEF here,
-    ex2.approx vs expf on GPU), which flips a fp16 rounding on ~1 entry in 10^4: allow that.
+    The kernel computes σ from t = e^-|s| as 1/(1+t) or t/(1+t) (no cancellation for either
+    sign; on the GPU with ~2-ulp MUFU ex2/rcp), so its fp32 value can sit on the other side of a
+    fp16 rounding boundary from the correctly rounded one on a few entries in 10^4.
     """
-    x = logits.detach().float().numpy()
-    with np.errstate(over="ignore"):
-        np_y = (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(np.float16)
-    assert yhat.dtype == torch.float16
-    assert np.array_equal(yhat.numpy().view(np.int16), np_y.view(np.int16))
-    t = torch.sigmoid(logits.detach().float()).half()
-    ulps = (yhat.view(torch.int16).int() - t.view(torch.int16).int()).abs()
-    assert ulps.max() <= 1 and (ulps > 0).float().mean() <= 1e-3
+    assert yhat.dtype == torch.float16 and yhat.shape == logits.shape
+    exact = torch.sigmoid(logits.detach().double()).half()
+    ulps = (yhat.view(torch.int16).int() - exact.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1 and (ulps > 0).float().mean() <= 2e-3
 
 
 def rel_err(a, b) -> float:
