@@ -64,6 +64,7 @@ def fused_partial_label_loss(
     alpha: float | None = None, beta: float | None = None, coef: torch.Tensor | None = None,
     d: float, q: float, seed: int, epoch: int,
     p_threshold: float = 0.1, p_rule: str = "text", num_rows: float | None = None,
+    pseudo_weights: str = "alpha_beta",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's loss (DESIGN.md §1) fused: returns (loss, yhat, p).
 
@@ -75,8 +76,9 @@ def fused_partial_label_loss(
     kernel reads (no host sync); d a host float. The q-picks are drawn in-kernel exactly as
     ``pml_scale.losses.picks.pick_mask(ids, L, seed, epoch, q)``. State values other than
     1/0/-1 are not scanned for (no device sync) and contribute nothing: mark padded or
-    invalid rows that way and pass ``num_rows`` = the number of valid rows.
+    invalid rows that way and pass ``num_rows`` = the number of valid rows. ``pseudo_weights``
+    "balanced" (ours+) weighs both picked pseudo terms (α+β)/2 instead of α and β.
     """
     params = dict(alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed, epoch=epoch,
-                  p_threshold=p_threshold, p_rule=p_rule, num_rows=num_rows)
+                  p_threshold=p_threshold, p_rule=p_rule, num_rows=num_rows, pseudo_weights=pseudo_weights)
     return FusedPartialLabelLoss.apply(logits, states, pseudo, sample_ids, params, None)

@@ -55,6 +55,7 @@ from .pick_hash import GOLDEN, MASK32, PICK_BITS, launch_key, pick_threshold  # 
 
 
 P_RULES = ("text", "printed")
+PSEUDO_WEIGHTS = ("alpha_beta", "balanced")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PSEUDO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int64, torch.int32)
@@ -141,18 +142,26 @@ def _counts(pos, neg, sel):
 
 
 @triton.jit
-def _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR: tl.constexpr):
+def _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr):
+    """(α, β, α_S, β_S): the observed-term and picked-pseudo-term weights. BALANCED (ours+):
+    both pseudo terms weigh (α+β)/2; else (the paper) α and β."""
     if COEF_PTR:  # α, β from a device tensor: no host sync in the caller
         a = tl.load(coef_ptr).to(tl.float32)
         b = tl.load(coef_ptr + s_coef).to(tl.float32)
     else:
         a = alpha
         b = beta
-    return a, b
+    if BALANCED:
+        sa = 0.5 * (a + b)
+        sb = sa
+    else:
+        sa = a
+        sb = b
+    return a, b, sa, sb
 
 
 @triton.jit
-def _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
+def _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
     """Per-row p, the four element weights pre-multiplied by the gradient scale g = -p/num_rows,
     and p·ln2/g = -ln2·num_rows, which turns a row's sum of those terms back into L_i.
 
@@ -169,7 +178,7 @@ def _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
     g = -p * inv_n
     gi = tl.where(nef > 0.0, g / tl.maximum(nef, 1.0), 0.0)
     gs = tl.where(nsf > 0.0, g * d / tl.maximum(nsf, 1.0), 0.0)
-    return p, a * gi, b * gi, a * gs, b * gs, -0.6931471805599453 / inv_n
+    return p, a * gi, b * gi, sa * gs, sb * gs, -0.6931471805599453 / inv_n
 
 
 @triton.jit
@@ -296,7 +305,7 @@ def _row_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
@@ -330,8 +339,8 @@ def _row_kernel(
         m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=1))
         cnt += tl.sum(_counts(pos2, neg2, sel2), axis=1)
 
-    a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
-    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
                                                   P_PRINTED)
     a_ne = a_ne[:, None]
     b_ne = b_ne[:, None]
@@ -357,7 +366,7 @@ def _row1_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr,
 ):
@@ -385,8 +394,8 @@ def _row1_kernel(
                                                             s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
         m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=0))
         cnt += tl.sum(_counts(pos2, neg2, sel2), axis=0)
-    a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
-    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, d, inv_n, p_threshold,
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
                                                   P_PRINTED)
     term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix, _col_mix(col1), thr,
@@ -445,7 +454,7 @@ def _split_fused_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr, part_ptr,
     B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W: tl.constexpr, KP: tl.constexpr,
 ):
@@ -462,8 +471,8 @@ def _split_fused_kernel(
     m = tl.max(tl.load(part_ptr + pidx, mask=pm, other=float("-inf")), axis=0)
     ne = tl.sum(tl.load(part_ptr + NK + pidx, mask=pm, other=0.0), axis=0)
     ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
-    a, b = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR)
-    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, d, inv_n, p_threshold, P_PRINTED)
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED)
     term, y, grad = _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out, own, y, grad, rmix, _col_mix(col), thr,
                STORE_GRAD, STORE_PICKS)
@@ -820,7 +829,8 @@ class _Plan:
     __slots__ = ("B", "L", "dev", "cuda", "contig", "window", "strides", "flags", "cfg", "tune_key", "block_l",
                  "dtype", "tuned")
 
-    def __init__(self, logits, states, pseudo, ids, *, need_grad, return_picks, p_rule, coef_ptr, block_l):
+    def __init__(self, logits, states, pseudo, ids, *, need_grad, return_picks, p_rule, coef_ptr, block_l,
+                 balanced=False):
         B, L = check_inputs(logits, states, pseudo, ids)
         self.B, self.L, self.dev = B, L, logits.device
         self.cuda = self.dev.type == "cuda"
@@ -832,7 +842,8 @@ class _Plan:
         self.window = window = contig and L % 16 != 0 and (B * L) % 16 == 0
         self.strides = (logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
                         pseudo.stride(0), pseudo.stride(1), ids.stride(0))
-        self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, P_PRINTED=(p_rule == "printed"),
+        self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, BALANCED=balanced,
+                          P_PRINTED=(p_rule == "printed"),
                           STORE_GRAD=need_grad, STORE_PICKS=return_picks,
                           FAST=self.cuda and not interpreter_active())  # MUFU forms only when compiled
         self.block_l = block_l
@@ -883,17 +894,18 @@ def tuned_configs() -> dict:
     return {k: (v[0].label(), dict(v[1])) for k, v in _TUNED.items()}
 
 
-def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l):
+def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, balanced):
     return (logits.shape, logits.stride(), logits.dtype, logits.device,
             states.shape, states.stride(), states.dtype, states.device,
             pseudo.shape, pseudo.stride(), pseudo.dtype, pseudo.device,
             ids.shape, ids.stride(), ids.dtype, ids.device,
-            need_grad, return_picks, p_rule, coef_ptr, block_l)
+            need_grad, return_picks, p_rule, coef_ptr, block_l, balanced)
 
 
-def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l) -> _Plan:
+def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
+              balanced=False) -> _Plan:
     try:
-        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l)
+        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, balanced)
     except (AttributeError, TypeError):  # not tensors: let check_inputs name the argument
         key = None
     plan = _PLANS.get(key) if key is not None else None
@@ -901,7 +913,7 @@ def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef
         if p_rule not in P_RULES:
             raise ValueError(f"p_rule must be one of {P_RULES}, got {p_rule!r}")
         plan = _Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=return_picks,
-                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l)
+                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l, balanced=balanced)
         if key is not None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
@@ -979,14 +991,14 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
                 logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
                 B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
                 alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
+                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
                 f["FAST"], cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
             return
         _run_kernel(_row_kernel, (triton.cdiv(B, cfg.block_b),), (
             logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
             B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
             alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-            f["CONTIG"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+            f["CONTIG"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
             cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
         return
     W = cfg.w1
@@ -1001,7 +1013,7 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
         logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
         B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
         alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
         W, _next_pow2(K)), cfg.num_warps, cfg.num_stages, key and key + ("fused", _aligned(cnt, part)))
 
 
@@ -1055,7 +1067,7 @@ class ForwardResult(NamedTuple):
 
 def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=None, d, q, seed, epoch,
             p_threshold=0.1, p_rule="text", need_grad=True, block_l=None, return_picks=False,
-            num_rows=None) -> ForwardResult:
+            num_rows=None, pseudo_weights="alpha_beta") -> ForwardResult:
     """One launch (two for the split path), behind ``partial_label_forward`` and the autograd op.
 
     Per-call host work is kept to what changes per call: everything that depends only on
@@ -1063,7 +1075,10 @@ def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=N
     allocations; the device is switched only when it is not current.
     """
     coef_ptr = coef is not None
-    plan = _get_plan(logits, states, pseudo, sample_ids, need_grad, return_picks, p_rule, coef_ptr, block_l)
+    if pseudo_weights not in PSEUDO_WEIGHTS:
+        raise ValueError(f"pseudo_weights must be one of {PSEUDO_WEIGHTS}, got {pseudo_weights!r}")
+    plan = _get_plan(logits, states, pseudo, sample_ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
+                     pseudo_weights == "balanced")
     if coef_ptr:
         if alpha is not None or beta is not None:
             raise ValueError("pass either alpha and beta (host floats) or coef (a (2,) device tensor), not both")
@@ -1105,6 +1120,7 @@ def partial_label_forward(
     d: float, q: float, seed: int, epoch: int,
     p_threshold: float = 0.1, p_rule: str = "text", need_grad: bool = True,
     block_l: int | None = None, return_picks: bool = False, num_rows: float | None = None,
+    pseudo_weights: str = "alpha_beta",
 ):
     """Launch the fused kernel once (twice for rows longer than 16384 labels).
 
@@ -1115,11 +1131,13 @@ def partial_label_forward(
     α, β: host floats ``alpha``/``beta``, or ``coef``, a (2,) fp32 tensor on the logits' device
     read by the kernel (no host sync). ``num_rows`` (default B) divides the loss and gradient;
     rows whose states are all outside {-1, 0, 1} contribute nothing.
+    ``pseudo_weights``: "alpha_beta" (the paper: α, β also weigh the picked pseudo terms) or
+    "balanced" (ours+: both pseudo terms weigh (α+β)/2).
     ``block_l`` forces the tile width: rows longer than it take the split path.
     """
     r = forward(logits, states, pseudo, sample_ids, alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed,
                 epoch=epoch, p_threshold=p_threshold, p_rule=p_rule, need_grad=need_grad, block_l=block_l,
-                return_picks=return_picks, num_rows=num_rows)
+                return_picks=return_picks, num_rows=num_rows, pseudo_weights=pseudo_weights)
     out = (r.row_loss, r.grad, r.yhat, r.p)
     return out + (r.picks,) if return_picks else out
 

@@ -76,14 +76,15 @@ def test_writers_disjoint_and_deterministic(tmp_path):
 
 
 def test_build_demo_small_is_reproducible(tmp_path):
-    m1 = demo.build_demo(tmp_path / "x", seed=3, n_train=50, n_test=20, size=48, shard_size=16)
-    m2 = demo.build_demo(tmp_path / "y", seed=3, n_train=50, n_test=20, size=48, shard_size=16)
+    small = dict(seed=3, n_train=50, n_test=20, size=48, shard_size=16, pretrain=False)
+    m1 = demo.build_demo(tmp_path / "x", **small)
+    m2 = demo.build_demo(tmp_path / "y", **small)
     s1 = [s["sha256"] for sp in m1["splits"].values() for s in sp["shards"]]
     s2 = [s["sha256"] for sp in m2["splits"].values() for s in sp["shards"]]
     assert s1 == s2 and len(s1) == 4 + 2
     assert m1["splits"]["train"]["label_stats"] == m2["splits"]["train"]["label_stats"]
     # rerunning on the finished folder is a no-op
-    assert demo.build_demo(tmp_path / "x", seed=3, n_train=50, n_test=20, size=48, shard_size=16) == m1
+    assert demo.build_demo(tmp_path / "x", **small) == m1
     with pytest.raises(ValueError, match="n_train"):
         demo.build_demo(tmp_path / "z", n_train=0)
 

@@ -174,11 +174,16 @@ def alpha_beta_counts(reading: str, states: torch.Tensor, pseudo: torch.Tensor |
     else:
         if pseudo is None or sample_ids is None:
             raise ValueError("alpha_beta='seen' counts picked pseudo labels: pass pseudo and sample_ids")
+        observed = (states >= 0).sum().double()
+        if states.is_cuda:  # one fused pass on the device (the same picks, drawn in-kernel)
+            from pml_scale.kernels import picked_pseudo_sums
+
+            sums = picked_pseudo_sums(states, pseudo, sample_ids, q=q, seed=seed, epoch=epoch).double()
+            return torch.stack([pos.double() + sums[0], observed + sums[1]])
         picked = pick_mask(sample_ids, states.shape[1], seed=seed, epoch=epoch, q=q) & (states == -1)
-        observed = (states >= 0).sum()
         P = pos.double() + torch.where(picked, pseudo.double(), torch.zeros((), dtype=torch.float64,
                                                                              device=states.device)).sum()
-        return torch.stack([P, (observed + picked.sum()).double()])
+        return torch.stack([P, observed + picked.sum().double()])
     return torch.stack([pos.double(), T.double()])
 
 
@@ -473,9 +478,13 @@ def _triton(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, to
     p_rule, p_threshold = opts.p_rule, opts.p_threshold
     if not opts.use_p:  # ŷ >= 0 always, so "max ŷ < 0" never holds: p = 1 on every row
         p_rule, p_threshold = "text", 0.0
+    if isinstance(alpha, torch.Tensor):  # device counts: the kernel reads (α, β) itself, no host sync
+        ab = dict(coef=torch.stack([alpha, beta]).to(device=logits.device, dtype=torch.float32))
+    else:
+        ab = dict(alpha=float(alpha), beta=float(beta))
     loss, yhat, p = fused_partial_label_loss(
-        logits, states, pseudo, sample_ids, alpha=float(alpha), beta=float(beta), d=d, q=opts.q_used,
-        seed=seed, epoch=epoch, p_threshold=p_threshold, p_rule=p_rule)
+        logits, states, pseudo, sample_ids, **ab, d=d, q=opts.q_used, seed=seed, epoch=epoch,
+        p_threshold=p_threshold, p_rule=p_rule, pseudo_weights=opts.pseudo_weights)
     stats = {"alpha": alpha, "beta": beta, "d": d, "p2_share": (p == 2).to(torch.float32).mean(),
              "picked_share": float("nan")}
     return loss, stats, yhat
