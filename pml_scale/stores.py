@@ -294,6 +294,8 @@ class PseudoLabelStore(_RowStore):
         ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
         rows = self._read_rows(ids_np).astype(np.float32)
         rows += self._offset
+        if self.init is not None:  # fp16 rounding of ŷ - init can step just outside [0, 1]
+            np.clip(rows, 0.0, 1.0, out=rows)
         out = torch.from_numpy(rows)
         return out.to(ids.device) if torch.is_tensor(ids) else out
 

@@ -270,6 +270,10 @@ def test_pseudo_store_with_a_per_label_init(tmp_path):
     store.scatter(torch.tensor([1]), torch.full((1, 4), 0.9))
     store.restore(tmp_path / "snap.f16")
     assert np.allclose(store.gather(torch.tensor([1])).numpy()[0], got)
+    # ŷ = 1 or 0 against an init that fp16 cannot pair exactly still reads back inside [0, 1]
+    store.scatter(torch.tensor([2]), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    back = store.gather(torch.tensor([2])).numpy()[0]
+    assert ((back >= 0) & (back <= 1)).all() and np.allclose(back, [1, 0, 1, 0], atol=2 ** -10)
     with pytest.raises(ValueError, match="initial pseudo labels differ"):
         PseudoLabelStore(path, 5, 4, create=True, init=init[::-1].copy())
     with pytest.raises(ValueError, match="init must be 4 values"):
