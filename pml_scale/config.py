@@ -92,6 +92,9 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False
     dtype: str = field(default="bf16", metadata=_choices("bf16", "fp16", "fp32"))
+    # bf16/fp16 recipe: "autocast" = torch.autocast in DeepSpeed's forward, fp32 master weights,
+    # channels_last weights; "deepspeed" = DeepSpeed's bf16/fp16 mode (bf16 weights, NCHW)
+    precision: str = field(default="autocast", metadata=_choices("autocast", "deepspeed"))
     head_dropout: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
 
 
