@@ -201,6 +201,7 @@ def model_step(name: str, classes: int, device: torch.device, channels_last: boo
     inputs on CUDA): the trainer's default recipe; returns step(images)."""
     from pml_scale.model import build_model
 
+    torch.backends.cudnn.benchmark = True  # as the trainer does
     model = build_model(name, classes, channels_last=channels_last).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -29,12 +29,14 @@ status=0
 if [ "$MODE" = "gpu" ]; then
   IMAGES=6144; TEST=768; SRC=640x480; SIZE=448; BATCH=128; WORKERS=8; CLASSES=600
   MODEL=resnet50; BACKEND=dali; LOADERS=dali,dali_reader,passthrough,reader_passthrough; TIMED=46
-  T_GEN=40; T_LOADER=75; T_TRAIN=110; T_TEST=75
-else
-  IMAGES=512; TEST=64; SRC=160x120; SIZE=64; BATCH=32; WORKERS=2; CLASSES=80
-  MODEL=tiny_resnet; BACKEND=dali_cpu; LOADERS=dali_cpu,dali_reader,passthrough,reader_passthrough; TIMED=14
-  T_GEN=120; T_LOADER=300; T_TRAIN=600; T_TEST=300
+  MODEL_STEPS=25; T_GEN=40; T_LOADER=75; T_TRAIN=110; T_TEST=75
+else  # the same code paths (bf16, both recipes, DALI), sized for a busy 2-core machine
+  IMAGES=256; TEST=32; SRC=160x120; SIZE=32; BATCH=32; WORKERS=2; CLASSES=80
+  MODEL=tiny_resnet; BACKEND=dali_cpu; LOADERS=dali_cpu,dali_reader,passthrough,reader_passthrough; TIMED=6
+  MODEL_STEPS=4; T_GEN=120; T_LOADER=300; T_TRAIN=600; T_TEST=300
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
+: > "$OUT/steps.txt"
 
 step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to OUT/NAME.log, remember failures
   local name=$1 limit=$2; shift 2
@@ -46,6 +48,14 @@ step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to OUT/NAME.log
   [ $rc -eq 0 ] || status=1
   tail -n 25 "$OUT/$name.log"
 }
+
+# the package must import from this tree, kernels included (pml_scale.kernels is mapped from
+# kernels/ at install time): install it editable without dependencies or network if it does not
+here=$($PY -c "import os, pml_scale, pml_scale.kernels; print(os.path.dirname(os.path.dirname(pml_scale.__file__)))" 2>/dev/null)
+if [ "$here" != "$PWD" ]; then
+  echo "pml_scale does not import from $PWD (got '${here:-nothing}'): pip install --no-deps -e ."
+  $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { echo "install failed, see install.log"; status=1; }
+fi
 
 {
   date -u; uname -a; nproc
@@ -69,11 +79,11 @@ print(f'generated $IMAGES + $TEST JPEGs in {time.perf_counter() - t:.1f} s')
 
 step dataloader "$T_LOADER" $PY benchmarks/dataloader.py --root "$WORK/data" --image-size $SIZE \
   --batch-size $BATCH --workers $WORKERS --backends $LOADERS --epochs 2 --batches $TIMED \
-  --model $MODEL --classes $CLASSES --model-batches 25 --json "$OUT/dataloader.json"
+  --model $MODEL --classes $CLASSES --model-batches $MODEL_STEPS --json "$OUT/dataloader.json"
 
 step train_step "$T_TRAIN" $PY benchmarks/train_step.py --root "$WORK/data" --model $MODEL \
   --image-size $SIZE --classes $CLASSES --batch-size $BATCH --epochs 2 --dtype bf16 \
-  --precision autocast,deepspeed --backend $BACKEND --workers $WORKERS --bare-steps 25 \
+  --precision autocast,deepspeed --backend $BACKEND --workers $WORKERS --bare-steps $MODEL_STEPS \
   --json "$OUT/train_step.json" --out "$OUT/train_step.md"
 
 step gpu_tests "$T_TEST" env TRITON_INTERPRET=0 $PY -m pytest -q -rA -s \

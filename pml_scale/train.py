@@ -170,6 +170,7 @@ def run(cfg) -> dict:
     np.random.seed(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic  # fixed input shapes: let cuDNN pick kernels
 
     manifest = ensure_dataset(cfg, dist_info)
     root = Path(cfg.data.root)
