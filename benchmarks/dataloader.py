@@ -43,7 +43,7 @@ class ReaderLoader:
     persistent pipeline, ``reset`` per epoch); ``decode=False`` gives the bytes-out variant."""
 
     def __init__(self, root: str, split: str, *, gpu: bool, image_size: int, batch_size: int, workers: int,
-                 decode: bool = True, device: torch.device):
+                 decode: bool = True, device: torch.device, hw_decoder_load: float | None = None):
         from nvidia.dali import fn, pipeline_def, types
 
         from pml_scale.data.format import index_name_for, read_manifest, split_shards
@@ -61,7 +61,8 @@ class ReaderLoader:
                                               random_shuffle=False, name="reader", pad_last_batch=False)
             if not decode:
                 return jpeg, sid
-            img = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            hw = {"hw_decoder_load": hw_decoder_load} if gpu and hw_decoder_load is not None else {}
+            img = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB, **hw)
             img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
             img = fn.crop_mirror_normalize(img, dtype=types.FLOAT16, output_layout="CHW",
                                            mirror=fn.random.coin_flip(probability=0.5),
@@ -254,6 +255,8 @@ def main(argv=None) -> int:
                    help="model fed by each decoding backend and run bare ('none': skip)")
     p.add_argument("--model-batches", type=int, default=30, help="timed model steps (bare and fed)")
     p.add_argument("--classes", type=int, default=600)
+    p.add_argument("--hw-decoder-load", type=float, default=None,
+                   help="dali (GPU): share of JPEGs for the hardware decoder (default: DALI's)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -295,11 +298,13 @@ def main(argv=None) -> int:
         t_build = time.perf_counter()
         if name in OURS:
             cfg = LoaderConfig(root=root, split=args.split, backend=name, image_size=args.image_size,
-                               batch_size=args.batch_size, workers=args.workers, dtype="bf16")
+                               batch_size=args.batch_size, workers=args.workers, dtype="bf16",
+                               hw_decoder_load=args.hw_decoder_load)
             loader = build_loader(cfg, device=device)
         elif name in ("dali_reader", "reader_passthrough"):
             loader = ReaderLoader(root, args.split, gpu=cuda, image_size=args.image_size, batch_size=args.batch_size,
-                                  workers=args.workers, decode=name == "dali_reader", device=device)
+                                  workers=args.workers, decode=name == "dali_reader", device=device,
+                                  hw_decoder_load=args.hw_decoder_load)
         else:
             loader = PassthroughLoader(root, args.split, batch_size=args.batch_size, workers=args.workers,
                                        device=device)

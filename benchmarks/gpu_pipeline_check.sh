@@ -81,6 +81,12 @@ step dataloader "$T_LOADER" $PY benchmarks/dataloader.py --root "$WORK/data" --i
   --batch-size $BATCH --workers $WORKERS --backends $LOADERS --epochs 2 --batches $TIMED \
   --model $MODEL --classes $CLASSES --model-batches $MODEL_STEPS --json "$OUT/dataloader.json"
 
+if [ "$MODE" = "gpu" ]; then  # the decode split between NVJPG engines and CUDA: a second point
+  step dataloader_hw95 40 $PY benchmarks/dataloader.py --root "$WORK/data" --image-size $SIZE \
+    --batch-size $BATCH --workers $WORKERS --backends dali,dali_reader --epochs 2 --batches $TIMED \
+    --model none --hw-decoder-load 0.95 --json "$OUT/dataloader_hw95.json"
+fi
+
 step train_step "$T_TRAIN" $PY benchmarks/train_step.py --root "$WORK/data" --model $MODEL \
   --image-size $SIZE --classes $CLASSES --batch-size $BATCH --epochs 2 --dtype bf16 \
   --precision autocast,deepspeed --backend $BACKEND --workers $WORKERS --bare-steps $MODEL_STEPS \
@@ -124,6 +130,9 @@ if d:
     if "passthrough" in rows:
         lines.append(f"- pass-through source: {rows['passthrough']['steady_img_s']:.0f} samples/s "
                      f"(DALI reader bytes-out: {rows.get('reader_passthrough', {}).get('steady_img_s', float('nan')):.0f})")
+if (out / "dataloader_hw95.json").exists():
+    h = {r["backend"]: r for r in load("dataloader_hw95.json")["rows"]}
+    lines.append("- with hw_decoder_load 0.95: " + ", ".join(f"{k} {v['steady_img_s']:.0f} img/s" for k, v in h.items()))
 t = load("train_step.json")
 if t:
     for r in t["results"]:

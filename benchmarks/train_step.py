@@ -99,6 +99,71 @@ def run_trainer(args, root: Path, out: Path, precision: str) -> dict:
                                                           "stores")}}
 
 
+def label_traffic_bench(rows: int, labels: int, batch: int, world: int, steps: int, step_ms: float) -> dict:
+    """Label traffic at scale, without a model. Per step a rank gathers the observed states and
+    stored ỹ of its ``batch`` random ids of a ``rows`` x ``labels`` store and scatters the ŷ of the
+    whole global batch (``world`` x ``batch`` rows: every node's store holds every row). Rows are
+    warm in the page cache, as after the first epoch (a cold sparse file costs whatever the disk
+    costs, with or without this module). Inline (the old trainer) vs through ``LabelTraffic``
+    while a simulated step of ``step_ms`` runs (a sleep, which frees the host as a GPU step does):
+    the main thread's time is what the step pays."""
+    import numpy as np
+
+    from pml_scale.data.label_traffic import BatchLabels, LabelTraffic
+    from pml_scale.labels import ObservedLabels
+    from pml_scale.stores import PseudoLabelStore
+    from pml_scale.train import batch_label_counts
+
+    class Rows:  # what LabelTraffic reads of a batch
+        def __init__(self, ids):
+            self.ids_host, self.valid_host = ids, np.ones(ids.size, bool)
+
+    G = world * batch
+    with tempfile.TemporaryDirectory() as tmp:
+        obs_path = Path(tmp) / "observed.npy"
+        header = np.lib.format.open_memmap(obs_path, mode="w+", dtype=np.int8, shape=(rows, labels))
+        del header  # a sparse file: zeros (negatives) except where written
+        observed = ObservedLabels.load(obs_path, validate=False)
+        store = PseudoLabelStore(Path(tmp) / "pseudo.f16", rows, labels)
+        ids = np.random.default_rng(0).choice(rows, size=G * (2 * steps + 1), replace=False)
+        observed.gather(np.sort(ids))
+        store.gather_numpy(np.sort(ids))
+        yhat = torch.rand(G, labels)
+        glob = [ids[s * G:(s + 1) * G] for s in range(2 * steps + 1)]  # global batch s; this rank: first B
+
+        t0 = time.perf_counter()
+        for s in range(steps):  # inline, as the old trainer did
+            own = glob[s][:batch]
+            observed.gather(own)
+            store.gather(torch.from_numpy(own))
+            store.scatter(glob[s], yhat, mask=observed.gather(glob[s]) == -1)
+        inline = (time.perf_counter() - t0) / steps
+        traffic = LabelTraffic(observed=observed, pseudo_store=store, role_store=None, device=torch.device("cpu"),
+                               counts_fn=batch_label_counts, global_counts=False, group=None, world_size=1, rank=0,
+                               writer=True, per_node=False, momentum=0.0)
+        main_thread = 0.0
+        t = time.perf_counter()
+        pending = traffic.gather(Rows(glob[steps][:batch]), 0)
+        main_thread += time.perf_counter() - t
+        for s in range(steps, 2 * steps):
+            t = time.perf_counter()
+            nxt = traffic.gather(Rows(glob[s + 1][:batch]), 0)
+            traffic.to_device(pending.result())
+            main_thread += time.perf_counter() - t
+            time.sleep(step_ms / 1000)  # the step: the GPU works, the host is free
+            t = time.perf_counter()
+            everyone = BatchLabels(None, None, None, None, None, (0.0, 0.0), glob[s], G)  # after the all-gather
+            traffic.scatter(Rows(glob[s]), everyone, yhat, None)
+            main_thread += time.perf_counter() - t
+            pending = nxt
+        t = time.perf_counter()
+        traffic.close()
+        drain = time.perf_counter() - t
+    return {"rows": rows, "labels": labels, "batch": batch, "world": world, "inline_ms_per_step": 1000 * inline,
+            "main_thread_ms_per_step": 1000 * main_thread / steps, "simulated_step_ms": step_ms,
+            "share_of_step": main_thread / steps / (step_ms / 1000), "final_drain_ms": 1000 * drain}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny_resnet")
@@ -118,7 +183,24 @@ def main(argv=None) -> int:
     p.add_argument("--root", help="existing dataset folder (default: generate one in a temp folder)")
     p.add_argument("--out", help="write the table (Markdown) to this file too")
     p.add_argument("--json", help="write the results (JSON) here")
+    p.add_argument("--label-traffic", type=int, metavar="ROWS", default=0,
+                   help="instead: label traffic alone on a ROWS x --classes store, --batch-size ids per step")
+    p.add_argument("--step-ms", type=float, default=105.0, help="--label-traffic: simulated step time "
+                   "(105 ms: ResNet-50 448 bf16 at batch 128 on an H200)")
+    p.add_argument("--world", type=int, default=8, help="--label-traffic: ranks whose rows every store receives")
     args = p.parse_args(argv)
+    if args.label_traffic:
+        res = label_traffic_bench(args.label_traffic, args.classes, args.batch_size, args.world, steps=20,
+                                  step_ms=args.step_ms)
+        print(json.dumps(res))
+        print(f"label traffic, {res['rows']:,} x {res['labels']} store, gather {res['batch']} + scatter "
+              f"{res['world'] * res['batch']} random rows per step: inline {res['inline_ms_per_step']:.2f} ms/step "
+              f"({100 * res['inline_ms_per_step'] / res['simulated_step_ms']:.1f}% of a {res['simulated_step_ms']:.0f} ms "
+              f"step); through LabelTraffic the main thread pays {res['main_thread_ms_per_step']:.3f} ms/step = "
+              f"{100 * res['share_of_step']:.2f}%")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     bad = sorted(set(precisions) - {"autocast", "deepspeed"})
     if bad or not precisions:

@@ -257,8 +257,9 @@ class PlanSource:
         if self._pool is None:
             return
         for row in range(self._next, min(self._rows, self._next + self.read_ahead)):
-            if row not in self._pending:
-                self._pending[row] = self._pool.submit(self._read, row)
+            if row not in self._pending:  # arguments bound now: a later start() cannot change them
+                self._pending[row] = self._pool.submit(self.reader.read, self._loc, row, self._valid[row],
+                                                       self._known_bad)
 
     def __call__(self, info):
         if self._stop or self._next >= self._rows:

@@ -84,6 +84,7 @@ class LoaderConfig:
     on_error: str = "skip"  # or "fail"
     affinity: str = "none"  # or "shard"
     seed: int = 0
+    hw_decoder_load: float | None = None  # dali: share of JPEGs for the hardware decoder (None: DALI's default)
 
     def __post_init__(self):
         choices = {"backend": BACKENDS, "augment": AUGMENTS, "dtype": tuple(DTYPES), "on_error": ON_ERROR,
@@ -97,6 +98,8 @@ class LoaderConfig:
                 raise ValueError(f"LoaderConfig.{name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 <= float(self.hflip) <= 1.0:
             raise ValueError(f"LoaderConfig.hflip must be a probability in [0, 1], got {self.hflip!r}")
+        if self.hw_decoder_load is not None and not 0.0 <= float(self.hw_decoder_load) <= 1.0:
+            raise ValueError(f"LoaderConfig.hw_decoder_load must be in [0, 1] or None, got {self.hw_decoder_load!r}")
 
 
 @dataclass
@@ -159,12 +162,13 @@ def _dali_pipeline(cfg: LoaderConfig, source: PlanSource, *, gpu: bool, device_i
                                   parallel=False, dtype=dtypes)
         jpeg, ids = outs[0], outs[1]
         dev = "mixed" if gpu else "cpu"
+        hw = {"hw_decoder_load": float(cfg.hw_decoder_load)} if gpu and cfg.hw_decoder_load is not None else {}
         if cfg.train and cfg.augment == "rrc":
             img = fn.decoders.image_random_crop(jpeg, device=dev, output_type=types.RGB,
                                                 random_area=list(RRC_SCALE), random_aspect_ratio=list(RRC_RATIO),
-                                                num_attempts=10)
+                                                num_attempts=10, **hw)
         else:
-            img = fn.decoders.image(jpeg, device=dev, output_type=types.RGB)
+            img = fn.decoders.image(jpeg, device=dev, output_type=types.RGB, **hw)
         img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = outs[2] if source.flips else 0
         img = fn.crop_mirror_normalize(img, dtype=out_type, output_layout="CHW", mirror=mirror,
