@@ -277,6 +277,8 @@ def test_hot_loop_never_waits_on_the_gpu(tiny_demo, tmp_path, loss):
     from pml_scale.config import load_config
     from pml_scale.train import run
 
+    if loss == "paper" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter copies CUDA tensors to the host: run with TRITON_INTERPRET=0")
     backend = "dali" if _dali_importable() else "pil"
     config = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs",
                           run={"epochs": 2, "log_every": 1000, "eval_every": 0, "tensorboard": False},
