@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OURS = ("dali", "dali_cpu", "pil")
@@ -123,7 +122,7 @@ class PassthroughLoader:
                       prefetch_queue_depth=2, exec_dynamic=True)
         def graph():
             jpeg, ids = fn.external_source(source=self.source, num_outputs=2, batch=True, batch_info=True,
-                                           parallel=False, dtype=[types.UINT8, types.INT64])
+                                           parallel=False, dtype=[types.UINT8, types.INT64], no_copy=True)
             return jpeg, ids
 
         self.pipe = graph()

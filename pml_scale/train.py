@@ -41,7 +41,7 @@ from .config import deepspeed_config, load_config, parse_cli, save_resolved
 from .data.format import labels_name, read_manifest
 from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
-from .distributed import all_reduce_sum, barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
+from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
 from .labels import POS, ObservedLabels, parse_setting

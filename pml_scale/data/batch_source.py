@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import ID_EXT, sample_key
-from .index import Locations, SampleError, check_image_bytes, fallback_jpeg
+from .index import Locations, check_image_bytes, fallback_jpeg
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
@@ -292,4 +292,4 @@ class PlanSource:
         self.reader.close()
 
 
-__all__ = ["BatchReader", "FedBatch", "PlanSource", "SampleError", "flip_draws"]
+__all__ = ["BatchReader", "FedBatch", "PlanSource", "flip_draws"]

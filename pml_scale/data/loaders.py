@@ -158,8 +158,10 @@ def _dali_pipeline(cfg: LoaderConfig, source: PlanSource, *, gpu: bool, device_i
                   prefetch_queue_depth=PREFETCH_DEPTH, exec_dynamic=True)
     def graph():
         dtypes = [types.UINT8, types.INT64] + ([types.INT32] if source.flips else [])
+        # no_copy: DALI reads the source's buffers in place; each stays untouched until its batch's
+        # output is out (the source recycles it only then), which is what no_copy asks for
         outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
-                                  parallel=False, dtype=dtypes)
+                                  parallel=False, dtype=dtypes, no_copy=True)
         jpeg, ids = outs[0], outs[1]
         dev = "mixed" if gpu else "cpu"
         hw = {"hw_decoder_load": float(cfg.hw_decoder_load)} if gpu and cfg.hw_decoder_load is not None else {}
@@ -388,6 +390,7 @@ class EpochLoader:
         return self._pipe
 
     def _drop_pipeline(self) -> None:
+        """Forget the pipeline (its destructor stops its threads), then the inputs it was fed."""
         self._pipe = None
         if self._source is not None:
             self._source.cancel()
@@ -412,8 +415,8 @@ class EpochLoader:
                     break
                 except Exception as e:  # a DALI error: typically an image it cannot decode
                     row = (src.fed[0].position if src.fed else plan.start_batch) - plan.start_batch
+                    pipe = None  # the last reference goes first: the pipeline stops before its inputs are freed
                     self._drop_pipeline()
-                    pipe = None
                     if row == last_failed or not self._find_undecodable(loc, row, min(len(plan), row + 3)):
                         names = sorted({loc.where((row, j))[0] for j in range(plan.ids.shape[1])})
                         raise RuntimeError(f"DALI failed on batch {plan.start_batch + row} of epoch {self.epoch} "
@@ -458,8 +461,8 @@ class EpochLoader:
                 pipe.schedule_run()
             pipe.reset()
             src.cancel()
-        except Exception:  # a failing in-flight batch: the pipeline cannot be reused
-            self._drop_pipeline()
+        except Exception:  # a failing in-flight batch: the pipeline cannot be reused; its fed inputs
+            self._pipe = None  # are freed at the next start(), once the pipeline is gone
 
     def _find_undecodable(self, loc: Locations, b0: int, b1: int) -> bool:
         """After a DALI failure: decode batches [b0, b1) with PIL; remember what fails."""
