@@ -283,7 +283,10 @@ def main(argv=None) -> int:
         gen_s = time.perf_counter() - t0
         print(f"generated {args.images} {w}x{h} JPEGs in {gen_s:.1f} s ({os.cpu_count()} processes)", flush=True)
     tars = sorted(Path(root).glob(f"{args.split}-*.tar"))
-    jpeg_kb = sum(t.stat().st_size for t in tars) / 1024 / max(1, sum(1 for _ in tars)) / args.shard_size
+    from pml_scale.data.format import read_manifest
+
+    samples = read_manifest(root)["splits"][args.split]["num_samples"]
+    jpeg_kb = sum(t.stat().st_size for t in tars) / 1024 / max(1, samples)
     device = torch.device("cuda" if cuda else "cpu")
     where = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     step = bare = None
@@ -329,6 +332,10 @@ def main(argv=None) -> int:
                                    batches=min(row["batches"], args.model_batches), batch_size=args.batch_size)
             row.update(model_fed_img_s=fed, bare_model_img_s=bare, fed_over_bare=fed / bare)
         print(json.dumps(row), flush=True)
+        if args.json:  # after every row: a time limit keeps what was measured
+            done = [r for r in rows if "steady_img_s" in r]
+            Path(args.json).write_text(json.dumps({"device": where, "args": vars(args), "generate_s": gen_s,
+                                                   "mean_jpeg_kb": jpeg_kb, "rows": done}, indent=1) + "\n")
     for loader in loaders.values():
         loader.close()
 

@@ -224,8 +224,11 @@ def main(argv=None) -> int:
         for precision in precisions:
             results.append(run_trainer(args, root, Path(tmp) / "runs", precision))
             print(json.dumps(results[-1]), flush=True)
+            if args.json:  # after every recipe: a time limit keeps what was measured
+                Path(args.json).write_text(json.dumps({"device": _device(), "args": vars(args), "generate_s": gen_s,
+                                                       "results": results}, indent=1) + "\n")
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = _device()
     rows = [f"| {device} | " + " | ".join(r["precision"] for r in results) + " |",
             "|---|" + "---|" * len(results),
             f"| model / size / batch / dtype / loss / backend | {args.model} / {args.image_size} / {args.batch_size} / "
@@ -249,10 +252,11 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "generate_s": gen_s,
-                                               "results": results}, indent=1) + "\n")
     return 0
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":
