@@ -8,17 +8,21 @@
 #   3. benchmarks/train_step.py: the trainer on 48-batch epochs, autocast and DeepSpeed-bf16
 #      recipes, steady and epoch-average img/s vs the bare model in the same recipe;
 #   4. the GPU tests: the hot loop under torch's sync debug mode, DALI GPU vs PIL;
-#   5. summary.md: every figure against its target.
+#   5. summary.md: the environment, every figure against its target, the step statuses.
+# OUT receives 5 files: summary.md, log.txt (every step's output), dataloader.json,
+# dataloader_hw95.json, train_step.json.
 #
 #   benchmarks/gpu_pipeline_check.sh OUT            # on the GPU machine
 #   benchmarks/gpu_pipeline_check.sh OUT cpu        # the same steps, reduced, on a CPU machine
+#   PYTHON=/path/to/python benchmarks/gpu_pipeline_check.sh OUT     # another interpreter (default python3)
 #
 # Exit status: 0 when every step ran (targets are judged in summary.md, not here).
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_pipeline_check.sh OUT_DIR [gpu|cpu]}
 MODE=${2:-gpu}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -36,17 +40,19 @@ else  # the same code paths (bf16, both recipes, DALI), sized for a busy 2-core 
   MODEL_STEPS=4; T_GEN=120; T_LOADER=300; T_HW=0; T_TRAIN=600; T_TEST=300
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-: > "$OUT/steps.txt"
+: > "$WORK/steps.txt"
+: > "$OUT/log.txt"
 
-step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to OUT/NAME.log, remember failures
+step() {  # step NAME TIMEOUT CMD...: run with a time limit, append its output to OUT/log.txt
   local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/steps.txt"
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$WORK/steps.txt"
   local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$WORK/steps.txt"
   [ $rc -eq 0 ] || status=1
-  tail -n 25 "$OUT/$name.log"
+  { echo "=============== $name (exit $rc, $((SECONDS - t0)) s): $*"; cat "$WORK/$name.log"; } >> "$OUT/log.txt"
+  tail -n 25 "$WORK/$name.log"
 }
 
 # the package must import from this tree, kernels included (pml_scale.kernels is mapped from
@@ -54,7 +60,7 @@ step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to OUT/NAME.log
 here=$($PY -c "import os, pml_scale, pml_scale.kernels; print(os.path.dirname(os.path.dirname(pml_scale.__file__)))" 2>/dev/null)
 if [ "$here" != "$PWD" ]; then
   echo "pml_scale does not import from $PWD (got '${here:-nothing}'): pip install --no-deps -e ."
-  $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { echo "install failed, see install.log"; status=1; }
+  $PY -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/log.txt" 2>&1 || { echo "install failed, see log.txt"; status=1; }
 fi
 
 {
@@ -65,8 +71,8 @@ fi
   $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
   $PY -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
   git log --oneline -1 2>/dev/null
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
 
 step generate "$T_GEN" $PY -c "
 import time
@@ -90,18 +96,18 @@ fi
 step train_step "$T_TRAIN" $PY benchmarks/train_step.py --root "$WORK/data" --model $MODEL \
   --image-size $SIZE --classes $CLASSES --batch-size $BATCH --epochs 2 --dtype bf16 \
   --precision autocast,deepspeed --backend $BACKEND --workers $WORKERS --bare-steps $MODEL_STEPS \
-  --json "$OUT/train_step.json" --out "$OUT/train_step.md"
+  --json "$OUT/train_step.json" --out "$WORK/train_step.md"
 
 step gpu_tests "$T_TEST" env TRITON_INTERPRET=0 $PY -m pytest -q -rA -s \
   "tests/test_train.py::test_hot_loop_never_waits_on_the_gpu" \
   "tests/test_loaders.py::test_dali_gpu_matches_pil" \
   "tests/test_loaders.py::test_dali_gpu_without_cuda_is_a_clear_error"
 
-$PY - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+$PY - "$OUT" "$WORK" <<'EOF' | tee "$OUT/summary.md"
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-lines = ["# issue #11 check", ""]
+out, work = Path(sys.argv[1]), Path(sys.argv[2])
+lines = ["# issue #11 check", "", "```", (work / "env.txt").read_text().strip(), "```", ""]
 def load(name):
     try:
         return json.loads((out / name).read_text())
@@ -149,13 +155,16 @@ if t:
         lines.append(f"- faster recipe here: {faster['precision']} ({a['precision']} {a['steady_img_s']:.0f} vs "
                      f"{b['precision']} {b['steady_img_s']:.0f} img/s steady; bare {a['bare_img_s']:.0f} vs "
                      f"{b['bare_img_s']:.0f})")
-log = out / "gpu_tests.log"
+if (work / "train_step.md").exists():
+    lines += ["", (work / "train_step.md").read_text().strip()]
+log = work / "gpu_tests.log"
 if log.exists():
     tail = [l for l in log.read_text().splitlines() if l.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))
             or "sync sites" in l or " passed" in l or " failed" in l]
     lines += ["", "GPU tests:"] + [f"    {l}" for l in tail[-12:]]
+lines += ["", "steps:", "```", (work / "steps.txt").read_text().strip(), "```"]
 print("\n".join(lines))
 EOF
 
-echo "steps: $(grep -c 'exit 0' "$OUT/steps.txt") of $(grep -c 'exit ' "$OUT/steps.txt") ran cleanly; logs and JSON in $OUT"
+echo "steps: $(grep -c 'exit 0' "$WORK/steps.txt") of $(grep -c 'exit ' "$WORK/steps.txt") ran cleanly; logs and JSON in $OUT"
 exit $status
