@@ -1,30 +1,51 @@
-"""Fused forward + gradient kernel for the paper's partial-label loss (DESIGN.md §1, §2).
+"""Fused forward + gradient kernels for the paper's partial-label loss (DESIGN.md §1, §2).
 
-One launch reads logits, label states and pseudo labels once, draws the q-picks of missing
-labels in-kernel (the counter-based hash of ``pml_scale.losses.picks``, bit for bit, in uint32
-arithmetic) and writes, per row, the loss L_i and the penalty p_i, and per element the
-gradient dL/ds (already divided by B, kept for backward) and ŷ = σ(s) in fp16.
+One pass reads logits, label states and pseudo labels, draws the q-picks of missing labels
+in-kernel (the counter-based hash of ``pml_scale.losses.picks``, bit for bit, in uint32
+arithmetic) and writes, per row, the loss L_i and the penalty p_i, per element the gradient
+dL/ds (already divided by the batch divisor, kept for backward) and ŷ = σ(s) in fp16, and the
+batch mean of L_i. The mean is reduced in the kernel: every program takes a ticket (an atomic
+counter in a per-stream workspace that the last program resets) and the last one sums the
+rows in a fixed order, so the value does not depend on scheduling.
 
-Why two sweeps: p_i needs the row max of ŷ and the row normalisers need N_e and |S|, all
-row-wide. A row that fits one tile (L <= BLOCK_L) is loaded once; a longer row is read twice
-(sweep 1: logits + states for max and counts, picks recomputed, never stored; sweep 2: all
-three inputs for the terms). Memory: outputs are grad (B×L, logits dtype), ŷ (B×L, fp16) and
-two (B,) fp32 vectors; nothing else grows with B×L. Per-program registers grow with
-BLOCK_B×BLOCK_L only, so any L works (the tile loop has no bound; tested to 2**20 + 3).
+Why two paths: p_i needs the row max and the row normalisers need N_e and |S|, all row-wide,
+before any element's gradient can be written.
+- ``row`` (L <= 16384): a program holds whole rows in registers as one or two power-of-two
+  tiles (W1 + W2 >= L: 8192 + 2048 for 9605 labels, 512 + 128 for 600), so every input byte is
+  read once. BLOCK_B > 1 rows: ``_row_kernel`` (2-D tiles); one row: ``_row1_kernel`` (1-D).
+- ``split`` (any L): one program per (row, column tile); a stats kernel writes per-tile max and
+  counts, the fused kernel combines its row's partials and computes its tile, and a per-row
+  ticket lets the row's last tile sum the row loss. Logits and states are read twice (12
+  instead of 9 bytes per bf16 element) but the GPU is filled at any B.
+On a GPU the first call for a (B bucket, L, dtypes) times a few candidates of both paths and
+keeps the fastest (``candidate_configs``, ``tuned_configs``); every config computes the same
+per-element gradient bits, only the loss's summation order differs.
 
-Inputs may be non-contiguous: every input is addressed through its own (row, column)
-strides, so no copy is made (a column stride != 1 is correct but slower). Offsets are int64,
-so B×L beyond 2**31 is fine. Outputs are always contiguous.
+The element loop costs one exp2, one lg2 and one reciprocal (MUFU forms on the GPU, exact under
+the interpreter), no division (the row's reciprocals and the gradient scale are folded into
+four per-row weights), and one pick hash: fmix32 with its first xor-shift split into a per-row
+and a per-column half (xor and logical shifts commute).
+
+Addressing: contiguous inputs use flat offsets. When rows are not 16-aligned (L % 16 != 0) but
+the tensor ends on a 16-element boundary (B·L % 16 == 0), the 1-D kernels read aligned windows
+of whole vectors (``_tile``, WINDOW) so loads vectorise for any L. Strided inputs get a
+stride-addressed variant (correct, slower). Outputs are contiguous. Offsets are int64.
+
+Host path: per-call work is kept to what changes per call (a cached ``_Plan`` holds the rest),
+and after the first launch of a specialisation the cached CompiledKernel's launcher is called
+directly (``_run_kernel``), skipping Triton's per-call argument binding.
 
 The host-side key and threshold live in ``pick_hash`` (no triton import), shared with the
-PyTorch reference in ``pml_scale.losses.picks``.
+PyTorch reference in ``pml_scale.losses.picks``. Autograd lives in ``ops``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
+import numbers
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,7 +53,9 @@ import triton.language as tl
 
 from .pick_hash import GOLDEN, MASK32, PICK_BITS, launch_key, pick_threshold  # noqa: F401 (re-exported)
 
+
 P_RULES = ("text", "printed")
+PSEUDO_WEIGHTS = ("alpha_beta", "balanced")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PSEUDO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int64, torch.int32)
@@ -41,8 +64,6 @@ ID_DTYPES = (torch.int64, torch.int32)
 def interpreter_active() -> bool:
     """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1 before import)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
-
-
 
 
 def _int32_bits(x: int) -> int:
@@ -65,165 +86,627 @@ def _fmix32(h):
 
 
 @triton.jit
-def _row_hash(ids_ptr, rows64, row_ok, s_id, key_bits):
-    ids = tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0).to(tl.int64)
+def _row_mix(ids, key_bits):
+    """Per-row half of the element hash: R = row ^ (row >> 16), row = fmix32(fmix32(key^lo)^hi).
+
+    fmix32(row ^ col) starts with x ^= x >> 16; for x = row ^ col that is R ^ C with
+    C = col ^ (col >> 16), so the row half is done once per row and the column half once
+    per column (see ``_picked``).
+    """
+    ids = ids.to(tl.int64)
     lo = ids.to(tl.uint32)  # truncation = ids & 0xFFFFFFFF
     hi = (ids >> 32).to(tl.uint32)
     key = key_bits.to(tl.uint32, bitcast=True)
-    return _fmix32(_fmix32(key ^ lo) ^ hi)
+    r = _fmix32(_fmix32(key ^ lo) ^ hi)
+    return r ^ (r >> 16)
 
 
 @triton.jit
-def _draw_picks(row_h, cols, thr):
-    col_h = (cols + 1).to(tl.uint32) * 0x9E3779B9
-    h = _fmix32(row_h[:, None] ^ col_h[None, :])
-    return (h >> 8) < thr
+def _col_mix(cols):
+    c = (cols + 1).to(tl.uint32) * 0x9E3779B9
+    return c ^ (c >> 16)
 
 
 @triton.jit
-def _load_tile(logits_ptr, states_ptr, rows64, cols, mask, s_lb, s_ll, s_sb, s_sl):
-    cols64 = cols.to(tl.int64)
-    s = tl.load(logits_ptr + rows64[:, None] * s_lb + cols64[None, :] * s_ll, mask=mask, other=0.0)
-    st = tl.load(states_ptr + rows64[:, None] * s_sb + cols64[None, :] * s_sl, mask=mask, other=2)
-    return s.to(tl.float32), st.to(tl.int32)
+def _picked(rmix, cmix, thr):
+    """The rest of fmix32(row ^ col) and the 24-bit threshold test: exactly ``pick_mask``.
+
+    rmix and cmix come broadcast-ready (a [BB, 1] and a [1, W] tensor, or a scalar and a [W]).
+    """
+    h = (rmix ^ cmix) * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return (h >> 8) < thr  # thr is uint32 (see _thr_u32): an unsigned 32-bit compare
 
 
 @triton.jit
-def _row_weights(m, ne, ns, alpha, beta, d, inv_b, p_threshold, P_PRINTED: tl.constexpr):
-    """Per-row p, element weights and gradient scale from the row max and counts."""
-    ymax = 1.0 / (1.0 + tl.exp(-tl.maximum(m, -88.0)))  # same ŷ formula as _tile_terms
+def _thr_u32(thr):
+    return thr.to(tl.uint32)
+
+
+@triton.jit
+def _offs(r, c, L, s_b, s_l, CONTIG: tl.constexpr):
+    """Element offsets of rows r (int64) and columns c (int32), broadcast-ready."""
+    if CONTIG:
+        return r * L + c
+    else:
+        return r * s_b + c.to(tl.int64) * s_l
+
+
+@triton.jit
+def _counts(pos, neg, sel):
+    """N_e and |S| of a slot packed in one int32 (N_e + |S|·2^16): one reduction for both.
+    Exact while a reduced tile holds fewer than 2^15 slots of a row (tiles are <= 16384)."""
+    return tl.where(pos | neg, 1, 0) + tl.where(sel, 65536, 0)
+
+
+@triton.jit
+def _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr):
+    """(α, β, α_S, β_S): the observed-term and picked-pseudo-term weights. BALANCED (ours+):
+    both pseudo terms weigh (α+β)/2; else (the paper) α and β."""
+    if COEF_PTR:  # α, β from a device tensor: no host sync in the caller
+        a = tl.load(coef_ptr).to(tl.float32)
+        b = tl.load(coef_ptr + s_coef).to(tl.float32)
+    else:
+        a = alpha
+        b = beta
+    if BALANCED:
+        sa = 0.5 * (a + b)
+        sb = sa
+    else:
+        sa = a
+        sb = b
+    return a, b, sa, sb
+
+
+@triton.jit
+def _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED: tl.constexpr):
+    """Per-row p, the four element weights pre-multiplied by the gradient scale g = -p/num_rows,
+    and p·ln2/g = -ln2·num_rows, which turns a row's sum of those terms back into L_i.
+
+    Divisions happen here, once per row; the element loop only multiplies.
+    """
+    ymax = 1.0 / (1.0 + tl.exp(-tl.maximum(m, -88.0)))  # σ is monotone: σ(max s) = max σ(s)
     if P_PRINTED:
         big = ymax >= p_threshold
     else:
         big = ymax < p_threshold
     p = tl.where(big, 2.0, 1.0)
-    inv_ne = tl.where(ne > 0, 1.0 / tl.maximum(ne, 1).to(tl.float32), 0.0)
-    ds = tl.where(ns > 0, d / tl.maximum(ns, 1).to(tl.float32), 0.0)
-    return p, alpha * inv_ne, beta * inv_ne, alpha * ds, beta * ds, -p * inv_b
+    nef = ne.to(tl.float32)
+    nsf = ns.to(tl.float32)
+    g = -p * inv_n
+    gi = tl.where(nef > 0.0, g / tl.maximum(nef, 1.0), 0.0)
+    gs = tl.where(nsf > 0.0, g * d / tl.maximum(nsf, 1.0), 0.0)
+    return p, a * gi, b * gi, sa * gs, sb * gs, -0.6931471805599453 / inv_n
 
 
 @triton.jit
-def _tile_terms(s, st, picked, mask, rows64, cols, L,
-                pseudo_ptr, s_pb, s_pl, grad_ptr, yhat_ptr, picks_ptr,
-                a_ne, b_ne, a_s, b_s, gscale,
-                STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr):
-    """Loss terms of one tile (returned as per-row sums), and its gradient and ŷ stores."""
-    cols64 = cols.to(tl.int64)
-    sel = (st == -1) & picked
-    yt = tl.load(pseudo_ptr + rows64[:, None] * s_pb + cols64[None, :] * s_pl,
-                 mask=mask & sel, other=0.0).to(tl.float32)
-    # ŷ exactly as torch.sigmoid computes it, so the fp16 output matches it.
-    # The clamp only avoids an inf (ŷ < 1e-38 rounds to 0 in fp16 either way).
-    e = tl.exp(-tl.maximum(s, -88.0))
-    y = 1.0 / (1.0 + e)
-    one_m_y = tl.where(s >= 0, tl.minimum(e, 1.0) * y, 1.0 - y)  # 1-σ(s), no cancellation for s >= 0
-    # softplus(±s) = max(±s, 0) + log1p(exp(-|s|)); log1p via Goldberg's trick (no libdevice).
-    t = tl.exp(-tl.abs(s))
-    u = 1.0 + t
-    lp = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
-    sp_n = tl.maximum(-s, 0.0) + lp  # -log σ(s)
-    sp_p = tl.maximum(s, 0.0) + lp   # -log(1-σ(s))
-    w_pos = tl.where(st == 1, a_ne[:, None], tl.where(sel, a_s[:, None] * yt, 0.0))
-    w_neg = tl.where(st == 0, b_ne[:, None], tl.where(sel, b_s[:, None] * (1.0 - yt), 0.0))
-    terms = tl.where(mask, w_pos * sp_n + w_neg * sp_p, 0.0)
-    out_off = rows64[:, None] * L + cols64[None, :]
-    tl.store(yhat_ptr + out_off, y.to(tl.float16), mask=mask)
+def _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
+    """Per element: the scaled loss term g·t/ln2, ŷ, and the gradient g·(w⁺(1-ŷ) - w⁻ŷ).
+
+    The weights come pre-multiplied by the row's gradient scale g (``_row_coefs``) and
+    broadcast-ready ([BB, 1] or scalars). One exp, one log, one reciprocal, all base 2:
+    x = s·log2(e), t = 2^-|x|, u = 1 + t, r = 1/u give σ(s) and 1-σ(s) without cancellation
+    (r and t·r, swapped by the sign of s) and log2(1+e^-|s|) = log2 u for both softplus terms
+    (softplus(∓s)/ln2 = max(∓x, 0) + log2 u). FAST (GPU) uses the MUFU forms (ex2, lg2, rcp
+    approx, ~2 ulp); the interpreter the exact ones.
+    """
+    x = s * 1.4426950408889634
+    if FAST:
+        t = tl.exp2(-tl.abs(x))
+        u = 1.0 + t
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        lp = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+    else:
+        t = tl.exp2(-tl.abs(x))
+        u = 1.0 + t
+        r = 1.0 / u
+        lp = tl.log2(u)
+    tr = t * r
+    nonneg = s >= 0.0
+    y = tl.where(nonneg, r, tr)
+    omy = tl.where(nonneg, tr, r)
+    ys = tl.where(sel, yt, 0.0)
+    w_pos = tl.where(pos, a_ne, a_s * ys)
+    w_neg = tl.where(neg, b_ne, tl.where(sel, b_s - b_s * ys, 0.0))
+    # softplus(∓s)/ln2 = max(∓x, 0) + log2 u: the max term is |x| on one side only, so
+    # w⁺·softplus(-s) + w⁻·softplus(s) = (w⁺ + w⁻)·log2 u + (x >= 0 ? w⁻ : w⁺)·|x| (no cancellation)
+    term = (w_pos + w_neg) * lp + tl.where(nonneg, w_neg, w_pos) * tl.abs(x)
+    grad = w_pos * omy - w_neg * y
+    return term, y, grad
+
+
+@triton.jit
+def _store_out(grad_ptr, yhat_ptr, picks_ptr, off, mask, y, grad, rmix, cmix, thr,
+               STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr):
+    tl.store(yhat_ptr + off, y.to(tl.float16), mask=mask)
     if STORE_GRAD:
-        g = gscale[:, None] * (w_pos * one_m_y - w_neg * y)
-        tl.store(grad_ptr + out_off, g.to(grad_ptr.dtype.element_ty), mask=mask)
-    if STORE_PICKS:
-        tl.store(picks_ptr + out_off, picked.to(tl.int8), mask=mask)
-    return tl.sum(terms, axis=1)
+        tl.store(grad_ptr + off, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    if STORE_PICKS:  # test hook: the raw pick bits, before intersecting with missing
+        tl.store(picks_ptr + off, _picked(rmix, cmix, thr).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _finish_mean(out_ptr, cnt_ptr, B, n_tickets, inv_n):
+    """Ticket reduction: the last program to arrive sums row_loss[0:B] in a fixed order.
+
+    Each program's row_loss stores happen before its acq_rel increment; the winner reads
+    them through L2 (.cg) and resets the counter for the next launch on this stream.
+    """
+    tl.debug_barrier()
+    t = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if t == n_tickets - 1:
+        tl.debug_barrier()
+        acc = tl.zeros([1024], tl.float32)
+        for i in range(0, B, 1024):
+            o = i + tl.arange(0, 1024)
+            acc += tl.load(out_ptr + o, mask=o < B, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + 2 * B, tl.sum(acc, axis=0) * inv_n)
+        tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0, j, lo, hi, BL, L,
+          s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG: tl.constexpr, WINDOW: tl.constexpr):
+    """Loads of one tile: slot j (broadcast-ready) holds flat element f0 + j, column c0 + j.
+
+    The tile owns the columns [lo, hi) of row(s) r (hi <= L). In WINDOW mode f0 is a multiple of
+    16 and the loads are masked only by the end of the tensor (BL, a multiple of 16), so they
+    vectorise for any L; the slots of neighbouring rows are then neutralised (s = 0, state 2).
+    ỹ is loaded under the same mask (a per-element mask would split vector loads) and only
+    used where picked and missing. Returns s (fp32), the owned positive / negative / picked
+    missing slots, ỹ (fp32), own, the output offsets and the columns.
+    """
+    col = c0 + j
+    own = ok & ((col - lo).to(tl.uint32) < tl.cast(hi - lo, tl.uint32))  # lo <= col < hi, one compare
+    if CONTIG:
+        flat = f0 + j
+        if WINDOW:
+            ld = ok & (flat < BL)
+        else:
+            ld = own
+        s = tl.load(logits_ptr + flat, mask=ld, other=0.0).to(tl.float32)
+        st = tl.load(states_ptr + flat, mask=ld, other=2)
+        yt = tl.load(pseudo_ptr + flat, mask=ld, other=0.0).to(tl.float32)
+        if WINDOW:  # a neighbour's slot: no state, and no inf/nan logit in this row's sums
+            s = tl.where(own, s, 0.0)
+            st_ok = own
+        else:
+            st_ok = True  # st = 2 (other) outside own
+        out = flat
+    else:
+        c64 = col.to(tl.int64)
+        s = tl.load(logits_ptr + r * s_lb + c64 * s_ll, mask=own, other=0.0).to(tl.float32)
+        st = tl.load(states_ptr + r * s_sb + c64 * s_sl, mask=own, other=2)
+        yt = tl.load(pseudo_ptr + r * s_pb + c64 * s_pl, mask=own, other=0.0).to(tl.float32)
+        out = r * L + col
+        st_ok = True
+    pos = (st == 1) & st_ok
+    neg = (st == 0) & st_ok
+    sel = (st == -1) & st_ok & _picked(rmix, _col_mix(col), thr)
+    return s, pos, neg, sel, yt, own, out, col
+
+
+@triton.jit
+def _window(base, WINDOW: tl.constexpr):
+    """Start of the aligned window holding flat element ``base`` (int64)."""
+    if WINDOW:
+        return tl.multiple_of((base // 16) * 16, 16)
+    else:
+        return base
 
 
 @triton.jit(do_not_specialize=["key_bits", "thr"])
-def _partial_label_fwd_kernel(
-    logits_ptr, states_ptr, pseudo_ptr, ids_ptr,
-    grad_ptr, yhat_ptr, row_loss_ptr, p_ptr, picks_ptr,
-    B, L,
-    s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id,
-    alpha, beta, d, inv_b, p_threshold, key_bits, thr,
-    P_PRINTED: tl.constexpr, STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+def _row_kernel(
+    logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
+    grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
+    B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
+    """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile, W1 + W2 >= L.
+
+    Rows are addressed plainly, not through aligned windows: a window's loads vectorise but its
+    stores cannot (row boundaries fall inside vectors), and in a 2-D tile the two layouts make
+    Triton recompute the element math in the store layout (twice the MUFU work on sm_90).
+    """
+    thr = _thr_u32(thr)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    row_h = _row_hash(ids_ptr, rows64, row_ok, s_id, key_bits)
-    cols0 = tl.arange(0, BLOCK_L)
+    r2 = rows64[:, None]
+    ok2 = row_ok[:, None]
+    f02 = r2 * L
+    rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
 
-    if SINGLE:
-        # The whole row is one tile: load once, reduce, then compute terms from registers.
-        mask = row_ok[:, None] & (cols0 < L)[None, :]
-        s, st = _load_tile(logits_ptr, states_ptr, rows64, cols0, mask, s_lb, s_ll, s_sb, s_sl)
-        picked = _draw_picks(row_h, cols0, thr)
-        m = tl.max(tl.where(mask, s, float("-inf")), axis=1)
-        ne = tl.sum(((st == 0) | (st == 1)).to(tl.int32), axis=1)
-        ns = tl.sum(((st == -1) & picked).to(tl.int32), axis=1)
-        p, a_ne, b_ne, a_s, b_s, gscale = _row_weights(m, ne, ns, alpha, beta, d, inv_b,
-                                                       p_threshold, P_PRINTED)
-        acc = _tile_terms(s, st, picked, mask, rows64, cols0, L,
-                          pseudo_ptr, s_pb, s_pl, grad_ptr, yhat_ptr, picks_ptr,
-                          a_ne, b_ne, a_s, b_s, gscale, STORE_GRAD, STORE_PICKS)
+    j1 = tl.arange(0, W1)[None, :]
+    s1, pos1, neg1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, 0, j1, 0, L,
+                                                 0, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
+                                                 CONTIG, False)
+    m = tl.max(tl.where(own1, s1, float("-inf")), axis=1)
+    cnt = tl.sum(_counts(pos1, neg1, sel1), axis=1)
+    if W2 > 0:
+        j2 = W1 + tl.arange(0, W2)[None, :]
+        s2, pos2, neg2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r2, ok2, f02, 0, j2, 0,
+                                                     L, 0, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix2, thr,
+                                                     CONTIG, False)
+        m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=1))
+        cnt += tl.sum(_counts(pos2, neg2, sel2), axis=1)
+
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
+                                                  P_PRINTED)
+    a_ne = a_ne[:, None]
+    b_ne = b_ne[:, None]
+    a_s = a_s[:, None]
+    b_s = b_s[:, None]
+    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix2, _col_mix(col1), thr,
+               STORE_GRAD, STORE_PICKS)
+    acc = tl.sum(term, axis=1)  # slots not owned have no state and s = 0: zero weights, zero term
+    if W2 > 0:
+        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix2, _col_mix(col2), thr,
+                   STORE_GRAD, STORE_PICKS)
+        acc += tl.sum(term, axis=1)
+    tl.store(out_ptr + rows64, acc * to_loss, mask=row_ok)
+    tl.store(out_ptr + B + rows64, p, mask=row_ok)
+    _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
+
+
+@triton.jit(do_not_specialize=["key_bits", "thr"])
+def _row1_kernel(
+    logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
+    grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
+    B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    W1: tl.constexpr, W2: tl.constexpr,
+):
+    """One whole row per program as 1-D tiles (W1 + W2 >= L, + 15 in WINDOW mode).
+
+    The 1-D form of ``_row_kernel`` for long rows: the row's scalars stay scalars, and in
+    WINDOW mode the loads vectorise without the 2-D layout conflict described there.
+    """
+    thr = _thr_u32(thr)
+    r = tl.program_id(0).to(tl.int64)
+    rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
+    BL = (tl.cast(B, tl.int64) * L // 16) * 16  # == B*L in WINDOW mode (a host precondition)
+    base = r * L
+    f0 = _window(base, WINDOW)
+    c0 = (f0 - base).to(tl.int32)
+    ok = r < B
+    s1, pos1, neg1, sel1, yt1, own1, out1, col1 = _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0,
+                                                        tl.arange(0, W1), 0, L, BL, L, s_lb, s_ll, s_sb, s_sl,
+                                                        s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
+    m = tl.max(tl.where(own1, s1, float("-inf")), axis=0)
+    cnt = tl.sum(_counts(pos1, neg1, sel1), axis=0)
+    if W2 > 0:
+        s2, pos2, neg2, sel2, yt2, own2, out2, col2 = _tile(logits_ptr, states_ptr, pseudo_ptr, r, ok, f0, c0,
+                                                            W1 + tl.arange(0, W2), 0, L, BL, L, s_lb, s_ll, s_sb,
+                                                            s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
+        m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=0))
+        cnt += tl.sum(_counts(pos2, neg2, sel2), axis=0)
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
+                                                  P_PRINTED)
+    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix, _col_mix(col1), thr,
+               STORE_GRAD, STORE_PICKS)
+    acc = tl.sum(term, axis=0)
+    if W2 > 0:
+        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix, _col_mix(col2), thr,
+                   STORE_GRAD, STORE_PICKS)
+        acc += tl.sum(term, axis=0)
+    tl.store(out_ptr + r, acc * to_loss)
+    tl.store(out_ptr + B + r, p)
+    _finish_mean(out_ptr, cnt_ptr, B, tl.num_programs(0), inv_n)
+
+
+@triton.jit
+def _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix, thr,
+                CONTIG: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr):
+    """Tile k of row r: it owns the columns [k·C, (k+1)·C) with C = W - 16 in WINDOW mode (the
+    aligned window of W slots then covers them), C = W otherwise."""
+    if WINDOW:
+        C: tl.constexpr = W - 16
     else:
-        # Sweep 1: row max of logits and the counts N_e, |S| (picks recomputed later).
-        m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        ne = tl.zeros([BLOCK_B], tl.int32)
-        ns = tl.zeros([BLOCK_B], tl.int32)
-        for start in range(0, L, BLOCK_L):
-            cols = start + cols0
-            mask = row_ok[:, None] & (cols < L)[None, :]
-            s, st = _load_tile(logits_ptr, states_ptr, rows64, cols, mask, s_lb, s_ll, s_sb, s_sl)
-            picked = _draw_picks(row_h, cols, thr)
-            m = tl.maximum(m, tl.max(tl.where(mask, s, float("-inf")), axis=1))
-            ne += tl.sum(((st == 0) | (st == 1)).to(tl.int32), axis=1)
-            ns += tl.sum(((st == -1) & picked).to(tl.int32), axis=1)
-        p, a_ne, b_ne, a_s, b_s, gscale = _row_weights(m, ne, ns, alpha, beta, d, inv_b,
-                                                       p_threshold, P_PRINTED)
-        # Sweep 2: terms, gradient, ŷ.
-        acc = tl.zeros([BLOCK_B], tl.float32)
-        for start in range(0, L, BLOCK_L):
-            cols = start + cols0
-            mask = row_ok[:, None] & (cols < L)[None, :]
-            s, st = _load_tile(logits_ptr, states_ptr, rows64, cols, mask, s_lb, s_ll, s_sb, s_sl)
-            picked = _draw_picks(row_h, cols, thr)
-            acc += _tile_terms(s, st, picked, mask, rows64, cols, L,
-                               pseudo_ptr, s_pb, s_pl, grad_ptr, yhat_ptr, picks_ptr,
-                               a_ne, b_ne, a_s, b_s, gscale, STORE_GRAD, STORE_PICKS)
-
-    tl.store(row_loss_ptr + rows64, p * acc, mask=row_ok)
-    tl.store(p_ptr + rows64, p, mask=row_ok)
+        C: tl.constexpr = W
+    BL = (tl.cast(B, tl.int64) * L // 16) * 16
+    base = r * L
+    f0 = _window(base + k * C, WINDOW)
+    lo = k * C
+    return _tile(logits_ptr, states_ptr, pseudo_ptr, r, r < B, f0, (f0 - base).to(tl.int32), tl.arange(0, W),
+                 lo, tl.minimum(lo + C, L), BL, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
 
 
-# ---------------------------------------------------------------- launch helpers
+@triton.jit(do_not_specialize=["key_bits", "thr"])
+def _split_stats_kernel(
+    logits_ptr, states_ptr, pseudo_ptr, ids_ptr, part_ptr,
+    B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr,
+):
+    """Pass 1 of the split path: max, N_e and |S| of one column tile of one row."""
+    thr = _thr_u32(thr)
+    r = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
+    s, pos, neg, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll,
+                                                      s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
+    cnt = tl.sum(_counts(pos, neg, sel), axis=0)
+    idx = r * K + k
+    tl.store(part_ptr + idx, tl.max(tl.where(own, s, float("-inf")), axis=0))
+    tl.store(part_ptr + NK + idx, (cnt & 0xFFFF).to(tl.float32))  # exact: counts < 2**24
+    tl.store(part_ptr + 2 * NK + idx, (cnt >> 16).to(tl.float32))
 
-# GPU: ~4k elements per program keeps registers in check; at least ~4 programs per SM.
-_GPU_TILE, _GPU_MAX_BLOCK_L, _GPU_MIN_PROGRAMS = 4096, 4096, 512
-# Interpreter: programs run one after another in Python, so fewer, larger tiles are faster.
-_INTERP_TILE, _INTERP_MAX_BLOCK_L = 16384, 8192
+
+@triton.jit(do_not_specialize=["key_bits", "thr"])
+def _split_fused_kernel(
+    logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
+    grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr, part_ptr,
+    B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    W: tl.constexpr, KP: tl.constexpr,
+):
+    """Pass 2 of the split path: the row's stats from its K tile partials, then one tile."""
+    thr = _thr_u32(thr)
+    r = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    rmix = _row_mix(tl.load(ids_ptr + r * s_id), key_bits)
+    s, pos, neg, sel, yt, own, out, col = _split_tile(logits_ptr, states_ptr, pseudo_ptr, r, k, B, L, s_lb, s_ll,
+                                                      s_sb, s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW, W)
+    kk = tl.arange(0, KP)
+    pm = kk < K
+    pidx = r * K + kk
+    m = tl.max(tl.load(part_ptr + pidx, mask=pm, other=float("-inf")), axis=0)
+    ne = tl.sum(tl.load(part_ptr + NK + pidx, mask=pm, other=0.0), axis=0)
+    ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED)
+    term, y, grad = _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
+    _store_out(grad_ptr, yhat_ptr, picks_ptr, out, own, y, grad, rmix, _col_mix(col), thr,
+               STORE_GRAD, STORE_PICKS)
+    tl.store(part_ptr + 3 * NK + r * K + k, tl.sum(term, axis=0) * to_loss)
+
+    # The last tile of this row to finish sums the row's partials (fixed order) ...
+    tl.debug_barrier()
+    t = tl.atomic_add(cnt_ptr + 1 + r, 1, sem="acq_rel")
+    if t == K - 1:
+        tl.debug_barrier()
+        parts = tl.load(part_ptr + 3 * NK + pidx, mask=pm, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + r, tl.sum(parts, axis=0))
+        tl.store(out_ptr + B + r, p)
+        tl.store(cnt_ptr + 1 + r, 0)
+        # ... and the last row to finish takes the batch mean.
+        _finish_mean(out_ptr, cnt_ptr, B, B, inv_n)
 
 
-def choose_blocks(B: int, L: int, *, interpret: bool, block_l: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_L, num_warps) for a B×L problem; ``block_l`` forces the tile width."""
-    if block_l is None:
-        block_l = min(triton.next_power_of_2(L), _INTERP_MAX_BLOCK_L if interpret else _GPU_MAX_BLOCK_L)
-    elif block_l < 16 or block_l & (block_l - 1):
-        raise ValueError(f"block_l must be a power of two >= 16, got {block_l!r}")
-    tile = _INTERP_TILE if interpret else _GPU_TILE
-    block_b = max(1, tile // block_l)
-    block_b = min(block_b, triton.next_power_of_2(B))
-    if not interpret:  # keep enough programs in flight to cover every SM
-        while block_b > 1 and triton.cdiv(B, block_b) < _GPU_MIN_PROGRAMS:
-            block_b //= 2
-    num_warps = 8 if block_b * block_l >= 4096 else 4
-    return block_b, block_l, num_warps
+@triton.jit(do_not_specialize=["key_bits", "thr"])
+def _picked_sums_kernel(
+    states_ptr, pseudo_ptr, ids_ptr, out_ptr, cnt_ptr, part_ptr,
+    B, L, NP, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
+    CONTIG: tl.constexpr, BLOCK_B: tl.constexpr, W: tl.constexpr,
+):
+    """Σ ỹ and the count over picked missing entries of one tile; the last program totals
+    all tiles in a fixed order (fp64), so the result is deterministic."""
+    thr = _thr_u32(thr)
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    r2 = rows64[:, None]
+    rmix2 = _row_mix(tl.load(ids_ptr + rows64 * s_id, mask=row_ok, other=0), key_bits)[:, None]
+    c = k * W + tl.arange(0, W)[None, :]
+    mask = row_ok[:, None] & (c < L)
+    st = tl.load(states_ptr + _offs(r2, c, L, s_sb, s_sl, CONTIG), mask=mask, other=2)
+    sel = (st == -1) & _picked(rmix2, _col_mix(c), thr)
+    yt = tl.load(pseudo_ptr + _offs(r2, c, L, s_pb, s_pl, CONTIG), mask=sel, other=0.0).to(tl.float32)
+    idx = pid * tl.num_programs(1) + k
+    tl.store(part_ptr + idx, tl.sum(tl.sum(yt, axis=1), axis=0))
+    tl.store(part_ptr + NP + idx, tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0).to(tl.float32))
+    tl.debug_barrier()
+    t = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if t == NP - 1:
+        tl.debug_barrier()
+        acc_y = tl.zeros([1024], tl.float64)
+        acc_n = tl.zeros([1024], tl.float64)
+        for i in range(0, NP, 1024):
+            o = i + tl.arange(0, 1024)
+            acc_y += tl.load(part_ptr + o, mask=o < NP, other=0.0, cache_modifier=".cg").to(tl.float64)
+            acc_n += tl.load(part_ptr + NP + o, mask=o < NP, other=0.0, cache_modifier=".cg").to(tl.float64)
+        tl.store(out_ptr, tl.sum(acc_y, axis=0).to(tl.float32))
+        tl.store(out_ptr + 1, tl.sum(acc_n, axis=0).to(tl.float32))
+        tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    """x *= g in place, g a device scalar; programs exit at once when g == 1 (the usual case)."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            o = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + o, mask=o < n)
+            tl.store(x_ptr + o, (x.to(tl.float32) * g).to(x.dtype), mask=o < n)
+
+
+# ---------------------------------------------------------------- configurations
+
+
+class Config(NamedTuple):
+    """One launch configuration: path ``row`` (W1 [+ W2] tiles hold whole rows) or ``split``
+    (W1-wide column tiles, two kernels); BLOCK_B rows per program; Triton's num_warps and
+    num_stages (the kernels have no software-pipelined loop, so num_stages only matters to
+    the final ticket reduction and is kept for completeness)."""
+
+    path: str
+    block_b: int
+    w1: int
+    w2: int
+    num_warps: int
+    num_stages: int = 1
+
+    def label(self) -> str:
+        tiles = f"{self.w1}+{self.w2}" if self.w2 else f"{self.w1}"
+        return f"{self.path}:bb{self.block_b}:w{tiles}:nw{self.num_warps}:ns{self.num_stages}"
+
+    @staticmethod
+    def parse(text: str) -> "Config":
+        """Inverse of ``label`` (for the PML_KERNEL_CONFIG override), e.g. ``split:bb1:w4096:nw8:ns1``."""
+        try:
+            path, bb, w, nw, ns = text.strip().split(":")
+            w1, _, w2 = w[1:].partition("+")
+            cfg = Config(path, int(bb[2:]), int(w1), int(w2 or 0), int(nw[2:]), int(ns[2:]))
+        except (ValueError, IndexError):
+            raise ValueError(f"kernel config must look like 'row:bb4:w512+128:nw4:ns1' or "
+                             f"'split:bb1:w4096:nw8:ns1', got {text!r}") from None
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        def pow2(v):
+            return v >= 1 and v & (v - 1) == 0
+        if self.path not in ("row", "split"):
+            raise ValueError(f"config path must be 'row' or 'split', got {self.path!r}")
+        if not (pow2(self.block_b) and pow2(self.w1) and self.w1 >= 16 and (self.w2 == 0 or (pow2(self.w2) and self.w2 >= 16))
+                and pow2(self.num_warps) and self.num_warps <= 32 and self.num_stages >= 1):
+            raise ValueError(f"config {self.label()}: block sizes and num_warps must be powers of two, tiles >= 16")
+        if max(self.w1, self.w2) > ROW_MAX_LANES:  # the packed N_e/|S| counts need tiles < 2**15
+            raise ValueError(f"config {self.label()}: tiles must be <= {ROW_MAX_LANES} wide")
+        if self.path == "split" and (self.w2 or self.block_b != 1):
+            raise ValueError(f"config {self.label()}: a split config has one tile width and block_b 1")
+
+
+ROW_MAX_LANES = 16384  # rows up to this many labels stay in one program (row path)
+_GPU_TILE = 4096       # elements per program the small-L row heuristic aims at
+_GPU_MIN_PROGRAMS = 264  # ~2 programs per SM on an H100/H200
+_INTERP_TILE = 16384   # the interpreter runs programs one after another: fewer, larger ones
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def row_tiles(L: int) -> tuple[int, int]:
+    """(W1, W2): one or two power-of-two tiles covering L labels with the least waste.
+
+    9605 -> (8192, 2048), 600 -> (512, 128), 1024 -> (1024, 0). A second tile narrower than 64
+    is not worth it (80 -> (128, 0)): a tile must span at least 32 lanes per warp, or Triton
+    lays the two tiles out differently and converts (and recomputes) between the layouts.
+    """
+    p = max(16, _next_pow2(L))
+    if p == 16 or p == L:
+        return p, 0
+    lo = p // 2
+    w2 = max(16, _next_pow2(L - lo))
+    return (lo, w2) if lo + w2 < p and w2 >= 64 else (p, 0)
+
+
+def _row_warps(bb: int, w1: int, w2: int, hi: int = 32) -> int:
+    """~16 elements per thread, and every warp along the columns of both tiles (W >= 32·warps)."""
+    cap = max(1, min(w1, w2 or w1) // 32)
+    return max(1, min(_warps_for(bb * (w1 + w2), lo=1, hi=hi), cap))
+
+
+def _warps_for(elems: int, lo: int = 2, hi: int = 16) -> int:
+    """~16 elements per thread: enough loads in flight without spilling."""
+    w = _next_pow2(max(1, elems // 512))
+    return max(lo, min(hi, w))
+
+
+def heuristic_config(B: int, L: int, *, interpret: bool, block_l: int | None = None,
+                     window: bool = False) -> Config:
+    """The default (untuned) config; ``block_l`` forces the tile width (tests: split path).
+
+    ``window``: the split path's aligned-window addressing (contiguous inputs, L % 16 != 0),
+    where a tile owns 16 columns fewer than its width.
+    """
+    need = L  # the row path addresses rows plainly (see _row_kernel)
+    if block_l is not None:
+        if block_l < 16 or block_l & (block_l - 1) or block_l > ROW_MAX_LANES:
+            raise ValueError(f"block_l must be a power of two in [16, {ROW_MAX_LANES}], got {block_l!r}")
+        if window and L + 15 <= block_l and B == 1:
+            return Config("row", 1, block_l, 0, 1 if interpret else _row_warps(1, block_l, 0))
+        if need <= block_l and not (window and B == 1):
+            w1, w2 = block_l, 0
+        elif window and block_l <= 16:
+            raise ValueError(f"block_l must be > 16 here (the aligned window uses 16 slots), got {block_l}")
+        elif interpret:
+            return Config("split", 1, block_l, 0, 1)
+        else:
+            return Config("split", 1, block_l, 0, _warps_for(block_l, hi=8))
+    else:
+        w1, w2 = row_tiles(need)
+        if w1 + w2 > ROW_MAX_LANES:
+            if interpret:
+                return Config("split", 1, ROW_MAX_LANES, 0, 1)
+            return Config("split", 1, 4096, 0, 8)
+    width = w1 + w2
+    if interpret:
+        bb = _floor_pow2(min(max(1, _INTERP_TILE // width), _next_pow2(B)))
+    else:
+        bb = _floor_pow2(min(max(1, _GPU_TILE // width), _next_pow2(B)))
+        while bb > 1 and triton.cdiv(B, bb) < _GPU_MIN_PROGRAMS:
+            bb //= 2
+    if bb == 1 and window and block_l is None:  # one row per program: 1-D, windowed, 15 slots more
+        w1, w2 = row_tiles(L + 15)
+        if w1 + w2 > ROW_MAX_LANES:
+            return Config("split", 1, ROW_MAX_LANES if interpret else 4096, 0, 1 if interpret else 8)
+    return Config("row", bb, w1, w2, 1 if interpret else _row_warps(bb, w1, w2))
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _split_widths(L: int, window: bool) -> list[int]:
+    """Split tile widths by the least padding (K tiles of W slots own K·(W - 16·window) columns)."""
+    def lanes(w):
+        return triton.cdiv(L, w - 16 if window else w) * w
+    return sorted((2048, 4096, 8192), key=lambda w: (lanes(w), -w))
+
+
+def candidate_configs(B: int, L: int, *, window: bool = False) -> list[Config]:
+    """What the GPU tuner times for a B×L problem (first entry = the heuristic): the row path
+    with two warp counts against the split path's two best-fitting tile widths."""
+    base = heuristic_config(B, L, interpret=False, window=window)
+    if L <= 2048:
+        return [base]  # small rows: the time is host overhead, not the kernel
+    cands = [base]
+    if base.path == "row":  # whole rows in registers vs. the split path's small tiles
+        cands += [base._replace(num_warps=nw) for nw in (16, 32)
+                  if nw != base.num_warps and nw <= _row_warps(1, base.w1, base.w2)][:1]
+        w = _split_widths(L, window)[0]
+        cands += [Config("split", 1, w, 0, w // 512), Config("split", 1, w, 0, w // 1024)]
+    else:  # 16 and 32 elements per thread, and the least padded width
+        w = _split_widths(L, window)[0]
+        cands += [Config("split", 1, 4096, 0, 4), Config("split", 1, 8192, 0, 8), Config("split", 1, w, 0, w // 1024)]
+    out = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    return out[:4]
+
+
+# ---------------------------------------------------------------- validation
 
 
 def _check_finite(name: str, v) -> float:
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a finite float, got {v!r}") from None
     if not math.isfinite(f):
         raise ValueError(f"{name} must be a finite float, got {v!r}")
@@ -251,67 +734,475 @@ def check_inputs(logits: torch.Tensor, states: torch.Tensor, pseudo: torch.Tenso
         raise ValueError(f"pseudo must have the shape of logits {tuple(logits.shape)}, got {tuple(pseudo.shape)}")
     if pseudo.dtype not in PSEUDO_DTYPES:
         raise TypeError(f"pseudo dtype must be one of float32, bfloat16, float16, got {pseudo.dtype}")
-    if sample_ids.shape != (B,):
-        raise ValueError(f"sample_ids must have shape (B,) = ({B},), got {tuple(sample_ids.shape)}")
-    if sample_ids.dtype not in ID_DTYPES:
-        raise TypeError(f"sample_ids must be int64 or int32, got {sample_ids.dtype}")
+    _check_ids(sample_ids, B)
     dev = logits.device
     for name, t in (("states", states), ("pseudo", pseudo), ("sample_ids", sample_ids)):
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device} but logits is on {dev}; move all inputs to one device")
+    _check_device(dev)
+    return B, L
+
+
+def _check_ids(sample_ids: torch.Tensor, B: int) -> None:
+    if sample_ids.shape != (B,):
+        raise ValueError(f"sample_ids must have shape (B,) = ({B},), got {tuple(sample_ids.shape)}")
+    if sample_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"sample_ids must be int64 or int32, got {sample_ids.dtype}")
+
+
+def _check_device(dev: torch.device) -> None:
     if dev.type == "cpu" and not interpreter_active():
         raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is "
                            "imported, or pass CUDA tensors")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"tensors must be on a CUDA device (or CPU under TRITON_INTERPRET=1), got {dev}")
-    return B, L
+
+
+def _check_coef(coef, dev: torch.device) -> int:
+    """coef must be a (2,) float32 tensor (α, β) on the logits' device; returns its stride."""
+    if not isinstance(coef, torch.Tensor):
+        raise TypeError(f"coef must be a torch.Tensor of shape (2,) holding (alpha, beta), got {type(coef).__name__}")
+    if coef.shape != (2,) or coef.dtype != torch.float32:
+        raise ValueError(f"coef must be a (2,) float32 tensor holding (alpha, beta), got shape {tuple(coef.shape)} "
+                         f"dtype {coef.dtype}")
+    if coef.device != dev:
+        raise ValueError(f"coef is on {coef.device} but logits is on {dev}; it must be on the logits' device")
+    return coef.stride(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _key_bits(seed, epoch) -> int:
+    return _int32_bits(launch_key(seed, epoch))
+
+
+@functools.lru_cache(maxsize=64)
+def _thr(q) -> int:
+    return pick_threshold(q)
+
+
+def _num_rows_inv(num_rows, B: int) -> float:
+    if num_rows is None:
+        return 1.0 / B
+    if isinstance(num_rows, bool) or not isinstance(num_rows, numbers.Real):
+        raise TypeError(f"num_rows must be a host int or float > 0 (the batch divisor), got {num_rows!r}")
+    n = _check_finite("num_rows", num_rows)
+    if n <= 0:
+        raise ValueError(f"num_rows must be > 0 (the number of valid rows), got {num_rows!r}")
+    return 1.0 / n
+
+
+# ---------------------------------------------------------------- workspace and plans
+
+_WORKSPACES: dict = {}
+_SM_COUNT: dict = {}
+
+
+def _workspace(dev: torch.device, n_cnt: int, n_part: int):
+    """(counters int32, partials fp32) for the current stream of ``dev``.
+
+    Counters start at zero and every kernel that takes a ticket resets its counter, so the
+    buffers are reused without a memset (one per stream: launches on one stream are ordered).
+    """
+    if dev.type == "cuda":
+        key = (dev.index, torch._C._cuda_getCurrentRawStream(dev.index))
+    else:
+        key = ("cpu",)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws[0].numel() < n_cnt or ws[1].numel() < n_part:
+        old_c, old_p = (ws[0].numel(), ws[1].numel()) if ws is not None else (0, 0)
+        cnt = torch.zeros(max(n_cnt, old_c, 64), dtype=torch.int32, device=dev)
+        part = torch.empty(max(n_part, old_p, 1024), dtype=torch.float32, device=dev)
+        ws = _WORKSPACES[key] = (cnt, part)
+    return ws
+
+
+def _sm_count(dev: torch.device) -> int:
+    n = _SM_COUNT.get(dev.index)
+    if n is None:
+        n = _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return n
+
+
+class _Plan:
+    """Everything about a call that depends only on shapes, dtypes, strides, device and flags."""
+
+    __slots__ = ("B", "L", "dev", "cuda", "contig", "window", "strides", "flags", "cfg", "tune_key", "block_l",
+                 "dtype", "tuned")
+
+    def __init__(self, logits, states, pseudo, ids, *, need_grad, return_picks, p_rule, coef_ptr, block_l,
+                 balanced=False):
+        B, L = check_inputs(logits, states, pseudo, ids)
+        self.B, self.L, self.dev = B, L, logits.device
+        self.cuda = self.dev.type == "cuda"
+        self.dtype = logits.dtype
+        contig = all(t.stride() == (L, 1) for t in (logits, states, pseudo))
+        self.contig = contig
+        # aligned windows make loads vectorise when rows are not 16-aligned; they need the
+        # tensor to end on a 16-element boundary (B*L % 16 == 0, e.g. any B that is a multiple of 16)
+        self.window = window = contig and L % 16 != 0 and (B * L) % 16 == 0
+        self.strides = (logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
+                        pseudo.stride(0), pseudo.stride(1), ids.stride(0))
+        self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, BALANCED=balanced,
+                          P_PRINTED=(p_rule == "printed"),
+                          STORE_GRAD=need_grad, STORE_PICKS=return_picks,
+                          FAST=self.cuda and not interpreter_active())  # MUFU forms only when compiled
+        self.block_l = block_l
+        self.cfg = _forced_config() if block_l is None else None
+        if self.cfg is not None:
+            _check_fits(self.cfg, L, window)
+        else:
+            self.cfg = heuristic_config(B, L, interpret=not self.cuda or interpreter_active(), block_l=block_l,
+                                        window=window)
+        # tuned on the GPU at the first launch unless forced or disabled
+        self.tuned = not (self.cuda and block_l is None and _forced_config() is None and _tuning_enabled()
+                          and not interpreter_active())
+        self.tune_key = (min(_next_pow2(B), 8192), L, logits.dtype, pseudo.dtype, contig, window, need_grad)
+
+
+def _forced_config() -> Config | None:
+    text = os.environ.get("PML_KERNEL_CONFIG", "").strip()
+    return Config.parse(text) if text else None
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("PML_KERNEL_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _check_fits(cfg: Config, L: int, window: bool) -> None:
+    cfg.check()
+    need = L + 15 if window and cfg.block_b == 1 else L  # block_b 1 rows are windowed
+    if cfg.path == "row" and cfg.w1 + cfg.w2 < need:
+        raise ValueError(f"config {cfg.label()} holds {cfg.w1 + cfg.w2} slots per row, fewer than the {need} "
+                         f"this L = {L} needs")
+    if cfg.path == "split" and window and cfg.w1 <= 16:
+        raise ValueError(f"config {cfg.label()}: split tiles must be wider than 16 here")
+
+
+_PLANS: dict = {}
+_TUNED: dict = {}
+
+
+def clear_caches() -> None:
+    """Forget plans, tuned configs and workspaces (tests; after changing PML_KERNEL_* env vars)."""
+    _PLANS.clear()
+    _TUNED.clear()
+    _WORKSPACES.clear()
+
+
+def tuned_configs() -> dict:
+    """{(B bucket, L, logits dtype, pseudo dtype, contiguous, need_grad): (config label, {label: ms})}."""
+    return {k: (v[0].label(), dict(v[1])) for k, v in _TUNED.items()}
+
+
+def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, balanced):
+    return (logits.shape, logits.stride(), logits.dtype, logits.device,
+            states.shape, states.stride(), states.dtype, states.device,
+            pseudo.shape, pseudo.stride(), pseudo.dtype, pseudo.device,
+            ids.shape, ids.stride(), ids.dtype, ids.device,
+            need_grad, return_picks, p_rule, coef_ptr, block_l, balanced)
+
+
+def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
+              balanced=False) -> _Plan:
+    try:
+        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, balanced)
+    except (AttributeError, TypeError):  # not tensors: let check_inputs name the argument
+        key = None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        if p_rule not in P_RULES:
+            raise ValueError(f"p_rule must be one of {P_RULES}, got {p_rule!r}")
+        plan = _Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=return_picks,
+                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l, balanced=balanced)
+        if key is not None:
+            if len(_PLANS) > 4096:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+# ---------------------------------------------------------------- launches
+
+try:  # the launch hooks (profilers) that the direct launch must respect
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - triton < 3.4: no direct launches
+    _knobs = None
+
+_COMPILED: dict = {}
+
+
+def _fast_launch_enabled() -> bool:
+    return _knobs is not None and os.environ.get("PML_KERNEL_FAST_LAUNCH", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+_FAST_LAUNCH = _fast_launch_enabled()
+
+
+def _aligned(*tensors) -> bool:
+    """All data pointers 16-byte aligned: the specialisation the cached kernels were built for."""
+    acc = 0
+    for t in tensors:
+        acc |= t.data_ptr()
+    return acc & 15 == 0
+
+
+def _int_spec(v: int) -> tuple:
+    """How Triton specialises an int argument: 1 is a constant, else its width and % 16."""
+    return (v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31))
+
+
+def _run_kernel(fn, grid, args, num_warps, num_stages, key) -> None:
+    """``fn[grid](*args)``; with a ``key`` (CUDA, all pointers aligned) the second and later
+    launches call the cached CompiledKernel's launcher directly, as JITFunction.run itself
+    does after binding, which skips Triton's per-call argument binding and cache-key
+    formatting (tens of µs on a host for ~40 arguments). ``key`` must determine every
+    specialisation Triton would compute: kernel, constexprs, options, argument types and
+    the int specialisations; the callers build it from the plan (shapes, strides, dtypes,
+    flags), the config, and the per-call alignment / int specs."""
+    if key is not None:
+        ck = _COMPILED.get(key)
+        if ck is not None and _knobs.runtime.launch_enter_hook is None:
+            ck.run(grid[0], grid[1] if len(grid) > 1 else 1, 1,
+                   torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()),
+                   ck.function, ck.packed_metadata, None, None, None, *args)
+            return
+    ck = fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
+    if key is not None and ck is not None and hasattr(ck, "packed_metadata"):
+        _COMPILED[key] = ck
+
+
+def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
+    """Launch ``cfg`` once. a = (logits, states, pseudo, ids, coef, grad, yhat, out, picks)."""
+    logits, states, pseudo, ids, coef, grad, yhat, out, picks = a
+    B, L = plan.B, plan.L
+    s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id = plan.strides
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr, s_coef = scalars
+    f = plan.flags
+    key = None
+    if plan.cuda and _FAST_LAUNCH and _aligned(*a):
+        key = (plan, cfg, _int_spec(s_coef))
+    if cfg.path == "row":
+        cnt, _ = _workspace(plan.dev, 1, 0)
+        if key is not None and cnt.data_ptr() & 15:
+            key = None
+        if cfg.block_b == 1:  # 1-D form; it can use aligned windows
+            _run_kernel(_row1_kernel, (B,), (
+                logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
+                B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+                alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
+                f["FAST"], cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
+            return
+        _run_kernel(_row_kernel, (triton.cdiv(B, cfg.block_b),), (
+            logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
+            B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+            alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+            f["CONTIG"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+            cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
+        return
+    W = cfg.w1
+    K = triton.cdiv(L, W - 16 if f["WINDOW"] else W)
+    NK = B * K
+    cnt, part = _workspace(plan.dev, 1 + B, 4 * NK)
+    grid = (B, K)
+    _run_kernel(_split_stats_kernel, grid, (
+        logits, states, pseudo, ids, part, B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, key_bits, thr,
+        f["CONTIG"], f["WINDOW"], W), cfg.num_warps, cfg.num_stages, key and key + ("stats", _aligned(part)))
+    _run_kernel(_split_fused_kernel, grid, (
+        logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
+        B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
+        alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+        W, _next_pow2(K)), cfg.num_warps, cfg.num_stages, key and key + ("fused", _aligned(cnt, part)))
+
+
+def _tune(plan: _Plan, a: tuple, scalars: tuple) -> Config:
+    """Time each candidate config once per (B bucket, L, dtypes, ...) on the GPU; keep the fastest.
+
+    Every config computes the same per-element gradient (one shared device function and the
+    same per-row counts), so the choice changes only the summation order of the loss value.
+    """
+    hit = _TUNED.get(plan.tune_key)
+    if hit is not None:
+        return hit[0]
+    cands = candidate_configs(plan.B, plan.L, window=plan.window)
+    if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
+        return cands[0]
+    times = {}
+    for cfg in cands:
+        try:
+            _launch(plan, cfg, a, scalars)  # compile + warm up
+            torch.cuda.synchronize(plan.dev)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                _launch(plan, cfg, a, scalars)
+            end.record()
+            end.synchronize()
+            times[cfg.label()] = start.elapsed_time(end) / 5
+        except Exception as exc:  # e.g. out of registers/shared memory for this config
+            times[cfg.label()] = float("inf")
+            if os.environ.get("PML_KERNEL_TUNE_VERBOSE"):
+                print(f"pml_scale.kernels: config {cfg.label()} failed: {exc}")
+    best = min(cands, key=lambda c: times[c.label()])
+    if not math.isfinite(times[best.label()]):
+        raise RuntimeError(f"every kernel config failed for B={plan.B}, L={plan.L}: {times}")
+    _TUNED[plan.tune_key] = (best, times)
+    return best
+
+
+class ForwardResult(NamedTuple):
+    loss: torch.Tensor       # () fp32, Σ row_loss / num_rows
+    grad: torch.Tensor | None  # (B, L) logits dtype, d loss / d logits
+    yhat: torch.Tensor       # (B, L) fp16
+    p: torch.Tensor          # (B,) fp32
+    out: torch.Tensor        # (2B+1,) fp32: row_loss | p | loss
+    picks: torch.Tensor | None  # (B, L) int8 raw pick bits (test hook)
+
+    @property
+    def row_loss(self) -> torch.Tensor:
+        return self.out[:self.p.shape[0]]
+
+
+def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=None, d, q, seed, epoch,
+            p_threshold=0.1, p_rule="text", need_grad=True, block_l=None, return_picks=False,
+            num_rows=None, pseudo_weights="alpha_beta") -> ForwardResult:
+    """One launch (two for the split path), behind ``partial_label_forward`` and the autograd op.
+
+    Per-call host work is kept to what changes per call: everything that depends only on
+    shapes, dtypes, strides, device and flags is in a cached plan; the outputs are three
+    allocations; the device is switched only when it is not current.
+    """
+    coef_ptr = coef is not None
+    if pseudo_weights not in PSEUDO_WEIGHTS:
+        raise ValueError(f"pseudo_weights must be one of {PSEUDO_WEIGHTS}, got {pseudo_weights!r}")
+    plan = _get_plan(logits, states, pseudo, sample_ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
+                     pseudo_weights == "balanced")
+    if coef_ptr:
+        if alpha is not None or beta is not None:
+            raise ValueError("pass either alpha and beta (host floats) or coef (a (2,) device tensor), not both")
+        s_coef = _check_coef(coef, plan.dev)
+        alpha = beta = 0.0
+    else:
+        if alpha is None or beta is None:
+            raise ValueError("alpha and beta are required (host floats), or pass coef=(2,) tensor instead")
+        alpha = _check_finite("alpha", alpha)
+        beta = _check_finite("beta", beta)
+        s_coef = 0
+    scalars = (alpha, beta, _check_finite("d", d), _num_rows_inv(num_rows, plan.B),
+               _check_finite("p_threshold", p_threshold), _key_bits(seed, epoch), _thr(q), s_coef)
+    B, L, dev = plan.B, plan.L, plan.dev
+    yhat = torch.empty((B, L), dtype=torch.float16, device=dev)
+    grad = torch.empty((B, L), dtype=plan.dtype, device=dev) if need_grad else None
+    picks = torch.empty((B, L), dtype=torch.int8, device=dev) if return_picks else None
+    out = torch.empty(2 * B + 1, dtype=torch.float32, device=dev)
+    a = (logits, states, pseudo, sample_ids, coef if coef_ptr else out,
+         grad if need_grad else yhat, yhat, out, picks if return_picks else yhat)
+    if plan.cuda and torch._C._cuda_getDevice() != dev.index:
+        with torch.cuda.device(dev):
+            _run(plan, a, scalars)
+    else:
+        _run(plan, a, scalars)
+    return ForwardResult(out[2 * B], grad, yhat, out[B:2 * B], out, picks)
+
+
+def _run(plan: _Plan, a: tuple, scalars: tuple) -> None:
+    if not plan.tuned:
+        plan.cfg = _tune(plan, a, scalars)
+        plan.tuned = True
+    _launch(plan, plan.cfg, a, scalars)
 
 
 def partial_label_forward(
     logits: torch.Tensor, states: torch.Tensor, pseudo: torch.Tensor, sample_ids: torch.Tensor, *,
-    alpha: float, beta: float, d: float, q: float, seed: int, epoch: int,
+    alpha: float | None = None, beta: float | None = None, coef: torch.Tensor | None = None,
+    d: float, q: float, seed: int, epoch: int,
     p_threshold: float = 0.1, p_rule: str = "text", need_grad: bool = True,
-    block_l: int | None = None, return_picks: bool = False,
+    block_l: int | None = None, return_picks: bool = False, num_rows: float | None = None,
+    pseudo_weights: str = "alpha_beta",
 ):
-    """Launch the fused kernel once.
+    """Launch the fused kernel once (twice for rows longer than 16384 labels).
 
     Returns ``(row_loss, grad, yhat, p)`` and, with ``return_picks`` (a test hook), the raw
     pick bits ``(B, L) int8`` (before intersecting with missing) as a fifth item.
-    row_loss: (B,) fp32 L_i (not divided by B); grad: (B, L) in logits' dtype, dL/ds of the
-    mean loss (already / B), or None when ``need_grad`` is False; yhat: (B, L) fp16; p: (B,) fp32.
+    row_loss: (B,) fp32 L_i (not divided); grad: (B, L) in logits' dtype, dL/ds of the mean
+    loss (already / num_rows), or None when ``need_grad`` is False; yhat: (B, L) fp16; p: (B,) fp32.
+    α, β: host floats ``alpha``/``beta``, or ``coef``, a (2,) fp32 tensor on the logits' device
+    read by the kernel (no host sync). ``num_rows`` (default B) divides the loss and gradient;
+    rows whose states are all outside {-1, 0, 1} contribute nothing.
+    ``pseudo_weights``: "alpha_beta" (the paper: α, β also weigh the picked pseudo terms) or
+    "balanced" (ours+: both pseudo terms weigh (α+β)/2).
+    ``block_l`` forces the tile width: rows longer than it take the split path.
     """
-    B, L = check_inputs(logits, states, pseudo, sample_ids)
-    alpha = _check_finite("alpha", alpha)
-    beta = _check_finite("beta", beta)
-    d = _check_finite("d", d)
-    p_threshold = _check_finite("p_threshold", p_threshold)
-    if p_rule not in P_RULES:
-        raise ValueError(f"p_rule must be one of {P_RULES}, got {p_rule!r}")
-    thr = pick_threshold(q)
-    key = launch_key(seed, epoch)
+    r = forward(logits, states, pseudo, sample_ids, alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed,
+                epoch=epoch, p_threshold=p_threshold, p_rule=p_rule, need_grad=need_grad, block_l=block_l,
+                return_picks=return_picks, num_rows=num_rows, pseudo_weights=pseudo_weights)
+    out = (r.row_loss, r.grad, r.yhat, r.p)
+    return out + (r.picks,) if return_picks else out
 
-    dev = logits.device
-    interpret = dev.type == "cpu"
-    block_b, block_l, num_warps = choose_blocks(B, L, interpret=interpret, block_l=block_l)
-    yhat = torch.empty((B, L), dtype=torch.float16, device=dev)
-    grad = torch.empty((B, L), dtype=logits.dtype, device=dev) if need_grad else yhat  # dummy ptr
-    picks = torch.empty((B, L), dtype=torch.int8, device=dev) if return_picks else yhat  # dummy ptr
-    row_loss = torch.empty((B,), dtype=torch.float32, device=dev)
-    p = torch.empty((B,), dtype=torch.float32, device=dev)
 
-    grid = (triton.cdiv(B, block_b),)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _partial_label_fwd_kernel[grid](
-            logits, states, pseudo, sample_ids,
-            grad, yhat, row_loss, p, picks,
-            B, L,
-            logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
-            pseudo.stride(0), pseudo.stride(1), sample_ids.stride(0),
-            alpha, beta, d, 1.0 / B, p_threshold, _int32_bits(key), thr,
-            P_PRINTED=(p_rule == "printed"), STORE_GRAD=need_grad, STORE_PICKS=return_picks,
-            SINGLE=(L <= block_l), BLOCK_B=block_b, BLOCK_L=block_l,
-            num_warps=num_warps,
-        )
-    out = (row_loss, grad if need_grad else None, yhat, p)
-    return out + (picks,) if return_picks else out
+def picked_pseudo_sums(states: torch.Tensor, pseudo: torch.Tensor, sample_ids: torch.Tensor, *,
+                       q: float, seed: int, epoch: int) -> torch.Tensor:
+    """(2,) fp32 [Σ ỹ over picked missing entries, their number] over the batch, on the device.
 
+    Picked = ``pick_mask(ids, L, seed=, epoch=, q=) & (states == -1)``, the kernel's own picks;
+    rows whose states are all sentinels count nothing. For the ``seen`` reading of α/β without
+    a host sync (all-reduce the result across ranks). Deterministic: fixed-order reduction.
+    """
+    for name, t in (("states", states), ("pseudo", pseudo), ("sample_ids", sample_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if states.dim() != 2 or states.dtype != torch.int8:
+        raise ValueError(f"states must be a 2-D int8 tensor (B, L), got shape {tuple(states.shape)} dtype {states.dtype}")
+    B, L = states.shape
+    if B < 1 or L < 1:
+        raise ValueError(f"states must have B >= 1 rows and L >= 1 labels, got shape {tuple(states.shape)}")
+    if pseudo.shape != states.shape:
+        raise ValueError(f"pseudo must have the shape of states {tuple(states.shape)}, got {tuple(pseudo.shape)}")
+    if pseudo.dtype not in PSEUDO_DTYPES:
+        raise TypeError(f"pseudo dtype must be one of float32, bfloat16, float16, got {pseudo.dtype}")
+    _check_ids(sample_ids, B)
+    dev = states.device
+    for name, t in (("pseudo", pseudo), ("sample_ids", sample_ids)):
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but states is on {dev}; move all inputs to one device")
+    _check_device(dev)
+    key_bits, thr = _key_bits(seed, epoch), _thr(q)
+    contig = states.stride() == (L, 1) and pseudo.stride() == (L, 1)
+    interpret = dev.type == "cpu" or interpreter_active()
+    w = min(max(16, _next_pow2(L)), 8192 if interpret else 2048)
+    bb = _floor_pow2(min(max(1, (_INTERP_TILE if interpret else 4096) // w), _next_pow2(B)))
+    grid = (triton.cdiv(B, bb), triton.cdiv(L, w))
+    NP = grid[0] * grid[1]
+    out = torch.empty(2, dtype=torch.float32, device=dev)
+    cnt, part = _workspace(dev, 1, 2 * NP)
+    args = (states, pseudo, sample_ids, out, cnt, part,
+            B, L, NP, states.stride(0), states.stride(1), pseudo.stride(0), pseudo.stride(1), sample_ids.stride(0),
+            key_bits, thr, contig, bb, w)
+    key = None
+    if dev.type == "cuda" and _FAST_LAUNCH and _aligned(states, pseudo, sample_ids, out, cnt, part):
+        key = ("picked_sums", dev.index, pseudo.dtype, sample_ids.dtype, grid) + tuple(_int_spec(v) for v in args[6:14]) + (
+            contig, bb, w)
+    if dev.type == "cuda" and torch._C._cuda_getDevice() != dev.index:
+        with torch.cuda.device(dev):
+            _run_kernel(_picked_sums_kernel, grid, args, 4, 1, key)
+    else:
+        _run_kernel(_picked_sums_kernel, grid, args, 1 if interpret else 4, 1, key)
+    return out
+
+
+def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x *= g in place for a contiguous x and a one-element device tensor g, without a host
+    sync: the kernel reads g and returns at once when it is 1."""
+    n = x.numel()
+    if x.device.type == "cuda":
+        block, num_warps = 4096, 8
+        nprog = max(1, min(triton.cdiv(n, block), 4 * _sm_count(x.device)))
+        key = ("scale", x.device.index, x.dtype, g.dtype, _int_spec(n)) if _FAST_LAUNCH and _aligned(x, g) else None
+    else:
+        block, num_warps = 65536, 1
+        nprog = max(1, triton.cdiv(n, block))
+        key = None
+    _run_kernel(_scale_kernel, (nprog,), (x, g, n, block), num_warps, 1, key)
+    return x

@@ -1,36 +1,36 @@
 """Typed run configuration: YAML sets defaults, command-line overrides win, the resolved
 config is saved with the run.
 
-Why a schema of dataclasses and not a free dict: a typo (``optim.lr_decay``) or a wrong type
+Why a schema and not a free dict: a typo (``optim.lr_decay``) or a wrong type
 (``run.epochs=abc``) must stop the launch on every rank before a cluster job spends an hour
-reaching the code that reads it. Every key is checked against the schema, and errors name the
-key path, where the value came from (file or override) and the accepted keys or values.
+reaching the code that reads it. pydantic checks types, ranges, choices and unknown keys; this
+module adds what pydantic cannot know: the layers, where each value came from, and errors in
+the user's terms (key path, origin: file or override, accepted keys or values).
 
-Precedence, lowest first: dataclass defaults < included YAML (``include:``/``defaults:``) <
-the YAML file < ``a.b=value`` overrides (value parsed with ``yaml.safe_load``). Free-form
-dicts (``loss.options``, ``deepspeed.extra``) are not checked here: the loss registry and
-DeepSpeed validate them. ``loss.<key>`` for any key other than ``name``/``options`` is a
-shorthand for ``loss.options.<key>`` (so ``loss.q=0.3`` works).
+Precedence, lowest first: schema defaults < included YAML (``include:``/``defaults:``) < the
+YAML file < ``a.b=value`` overrides (value parsed with ``yaml.safe_load``). Free-form dicts
+(``loss.options``, ``deepspeed.extra``) are not checked here: the loss registry and DeepSpeed
+validate them. ``loss.<key>`` for any key other than ``name``/``options`` is a shorthand for
+``loss.options.<key>`` (so ``loss.q=0.3`` works).
 
-Nothing here grows with the dataset: the config is a few hundred bytes.
+Adding a key is one line in its section: ``key: type = default``, with ``Field(default, ge=..,
+le=..)`` for a range or ``Literal[...]`` for choices.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import difflib
 import json
-import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_text
 
@@ -41,121 +41,158 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message says which and what is accepted."""
 
 
-def _choices(*values: str) -> dict:
-    return {"choices": values}
+def _from_yaml(value, tp):
+    """Fit what YAML hands over to a typed key, as users write it: ``1e-4`` (a string in YAML
+    1.1) for a float, ``3.0`` for an int, ``3`` for a string, ``null``/``none`` for an optional
+    value, a list for a tuple. Anything else goes to pydantic's strict check unchanged."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _from_yaml(value, inner[0]) if len(inner) == 1 else value
+    if isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if tp is str and isinstance(value, (int, float)):
+        return str(value)
+    if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_from_yaml(v, a) for v, a in zip(value, args))
+    return value
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> dict:
-    return {"range": (lo, hi, hi_open)}
+_SETTING = re.compile(r"^(FAL|SPL|NATIVE|(PAL|PPL)_(\d+(\.\d*)?|\.\d+))$")
 
 
-@dataclass
-class RunConfig:
+def _label_setting(value: str) -> str:
+    m = _SETTING.match(value)
+    if not m or (m.group(3) is not None and not 0.0 < float(m.group(3)) <= 1.0):
+        raise ValueError("FAL, SPL, NATIVE, PAL_r, PPL_r with 0 < r <= 1 (e.g. PAL_0.3, PPL_0.6)")
+    return value
+
+
+class _Section(BaseModel):
+    """Strict types and no unknown keys, after the YAML shapes of ``_from_yaml`` are fitted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_shapes(cls, value, info):
+        return _from_yaml(value, cls.model_fields[info.field_name].annotation)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+class RunConfig(_Section):
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0
-    epochs: int = field(default=10, metadata=_range(1))
+    epochs: int = Field(10, ge=1)
     resume: bool = True  # resume from the last checkpoint in the run folder if present
-    log_every: int = field(default=10, metadata=_range(1))
-    eval_every: int = field(default=1, metadata=_range(0))  # 0: only at the end
-    checkpoint_every_steps: int = field(default=0, metadata=_range(0))  # 0: at epoch ends only
-    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=0)  # 0: only at the end
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: at epoch ends only
+    keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
     time_shares: bool = False  # GPU: synchronise at step-part boundaries to log exact time shares
     deterministic: bool = False
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     root: Optional[str] = None  # dataset folder with manifest.json (the trainer requires it)
     build_demo: bool = False  # build the embedded demo dataset into root if absent
-    setting: str = field(default="FAL", metadata={"pattern": "setting"})
+    demo_dataset: Literal["digits", "longtail"] = "digits"  # which one build_demo makes
+    setting: Annotated[str, AfterValidator(_label_setting)] = "FAL"
     setting_seed: int = 0
     observed: Optional[str] = None  # explicit observed-label file; default derived from setting
     backend: str = "auto"
-    image_size: int = field(default=448, metadata=_range(1))
-    batch_size: int = field(default=32, metadata=_range(1))  # per rank
-    eval_batch_size: int = field(default=64, metadata=_range(1))
-    workers: int = field(default=4, metadata=_range(0))
+    image_size: int = Field(448, ge=1)
+    batch_size: int = Field(32, ge=1)  # per rank
+    eval_batch_size: int = Field(64, ge=1)
+    workers: int = Field(4, ge=0)
     augment: str = "resize"
-    hflip: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
     affinity: str = "none"
     on_error: str = "skip"
     train_split: str = "train"
     test_split: str = "test"
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     name: str = "resnet50"
     pretrained: Optional[str] = None  # local path only: nothing is downloaded at run time
     channels_last: bool = True
     compile: bool = False
-    dtype: str = field(default="bf16", metadata=_choices("bf16", "fp16", "fp32"))
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     # bf16/fp16 recipe: "autocast" = torch.autocast in DeepSpeed's forward, fp32 master weights,
     # channels_last weights; "deepspeed" = DeepSpeed's bf16/fp16 mode (bf16 weights, NCHW)
-    precision: str = field(default="autocast", metadata=_choices("autocast", "deepspeed"))
-    head_dropout: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    precision: Literal["autocast", "deepspeed"] = "autocast"
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-@dataclass
-class LossConfig:
+class LossConfig(_Section):
     name: str = "paper"
-    options: dict = field(default_factory=dict)  # validated by the loss registry
+    options: dict = Field(default_factory=dict)  # validated by the loss registry
 
 
-@dataclass
-class OptimConfig:
-    name: str = field(default="adamw", metadata=_choices("adamw", "sgd"))
-    lr: float = field(default=1e-4, metadata=_range(0.0))
-    weight_decay: float = field(default=1e-4, metadata=_range(0.0))
-    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+class OptimConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = field(default="cosine", metadata=_choices("cosine", "onecycle", "constant"))
-    warmup_epochs: float = field(default=1.0, metadata=_range(0.0))
-    min_lr_ratio: float = field(default=0.01, metadata=_range(0.0, 1.0))
-    role_lr_multiplier: float = field(default=10.0, metadata=_range(0.0))
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    role_lr_multiplier: float = Field(10.0, ge=0.0)
 
 
-@dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(_Section):
     config: Optional[str] = None  # DeepSpeed JSON, merged under the generated keys
-    zero_stage: int = field(default=0, metadata=_range(0, 3))
-    grad_clip: float = field(default=0.0, metadata=_range(0.0))  # 0: no clipping
-    grad_accum: int = field(default=1, metadata=_range(1))
-    extra: dict = field(default_factory=dict)  # merged into the generated config verbatim
+    zero_stage: int = Field(0, ge=0, le=3)
+    grad_clip: float = Field(0.0, ge=0.0)  # 0: no clipping
+    grad_accum: int = Field(1, ge=1)
+    extra: dict = Field(default_factory=dict)  # merged into the generated config verbatim
 
 
-@dataclass
-class PseudoConfig:
-    momentum: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+class PseudoConfig(_Section):
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
     dir: Optional[str] = None  # node-local folder for the store; default: the run folder
-    sync: str = field(default="allgather", metadata=_choices("allgather", "affinity"))
+    sync: Literal["allgather", "affinity"] = "allgather"
+    init: Literal["half", "prior"] = "half"  # initial pseudo labels: 0.5 (the paper) or the class prior (ours+)
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     partial: Optional[bool] = None  # None: masked mAP if the test labels contain -1
     save_per_class: bool = True
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists) that YAML/JSON can store and load_config reads."""
-        return _plain(dataclasses.asdict(self))
+        return _plain(self.model_dump())
 
 
-SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
+SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in Config.model_fields.items()}
 
 
 def _plain(obj):
@@ -164,20 +201,6 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-# ----------------------------------------------------------------------------- merging
-
-
-def _unknown(path: str, key: str, valid: list[str], origin: str, what: str = "keys") -> ConfigError:
-    prefix = f"{path}." if path else ""
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-    where = f"'{path}'" if path else "the config"
-    return ConfigError(
-        f"unknown key '{prefix}{key}' (from {origin}).{hint} "
-        f"Valid {what} of {where}: {', '.join(valid)}"
-    )
 
 
 def _deep_merge(dst: dict, src: dict) -> dict:
@@ -189,68 +212,102 @@ def _deep_merge(dst: dict, src: dict) -> dict:
     return dst
 
 
-class _Raw:
-    """The config as a nested dict being built, plus where each leaf value came from."""
+# ----------------------------------------------------------------------------- layers
+
+
+class _Layers:
+    """The user's values as a nested dict, layer over layer, and where each key's value came from."""
 
     def __init__(self):
-        self.tree: dict = Config().to_dict()
-        self.origin: dict[str, str] = {}
+        self.tree: dict = {}
+        self.origin: dict[tuple, str] = {}
 
     def set(self, keys: list[str], value, origin: str, *, merge_dicts: bool) -> None:
         if not keys or any(not k for k in keys):
             raise ConfigError(f"empty key in '{'.'.join(keys)}' (from {origin})")
-        section = keys[0]
-        if section not in SECTIONS:
-            raise _unknown("", section, list(SECTIONS), origin, what="sections")
-        if len(keys) == 1:
-            if not isinstance(value, dict) and value is not None:
-                raise ConfigError(
-                    f"'{section}' is a section: give a mapping of its keys (from {origin}), "
-                    f"got {value!r}"
-                )
+        if len(keys) == 1 and (value is None or isinstance(value, dict)):  # a section: key by key
             for k, v in (value or {}).items():
-                self.set([section, str(k)], v, origin, merge_dicts=merge_dicts)
+                self.set([keys[0], str(k)], v, origin, merge_dicts=merge_dicts)
             return
-        cls = SECTIONS[section]
-        names = [f.name for f in dataclasses.fields(cls)]
-        key = keys[1]
-        if key not in names:
-            if section == "loss":  # loss.<k> is shorthand for loss.options.<k>
-                keys = [section, "options", *keys[1:]]
-                key = "options"
-            else:
-                raise _unknown(section, key, names, origin)
-        hint = typing.get_type_hints(cls)[key]
-        if hint is dict:
-            node = self.tree[section]
-            sub = keys[2:]
-            if not sub:
-                if not isinstance(value, dict):
-                    raise ConfigError(
-                        f"{section}.{key}: expected a mapping, got {value!r} (from {origin})"
-                    )
-                node[key] = _deep_merge(node[key], value) if merge_dicts else copy.deepcopy(value)
-            else:
-                node = node[key]
-                for k in sub[:-1]:
-                    if not isinstance(node.get(k), dict):
-                        node[k] = {}
-                    node = node[k]
-                if merge_dicts and isinstance(value, dict) and isinstance(node.get(sub[-1]), dict):
-                    _deep_merge(node[sub[-1]], value)
-                else:
-                    node[sub[-1]] = copy.deepcopy(value)
-            self.origin[f"{section}.{key}"] = origin
-            return
-        if len(keys) > 2:
-            raise ConfigError(
-                f"'{section}.{key}' is a plain value, it has no key '{keys[2]}' (from {origin})"
-            )
-        self.tree[section][key] = value
-        self.origin[f"{section}.{key}"] = origin
+        if keys[0] == "loss" and len(keys) > 1 and keys[1] not in LossConfig.model_fields:
+            keys = ["loss", "options", *keys[1:]]  # loss.<k> is shorthand for loss.options.<k>
+        node = self.tree
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        old = node.get(keys[-1])
+        if merge_dicts and isinstance(old, dict) and isinstance(value, dict):
+            _deep_merge(old, value)
+        else:
+            node[keys[-1]] = copy.deepcopy(value)
+        for n in range(1, len(keys) + 1):
+            self.origin[tuple(keys[:n])] = origin
+
+    def build(self) -> Config:
+        try:
+            return Config.model_validate(self.tree)
+        except ValidationError as e:
+            lines = [self._explain(tuple(str(k) for k in err["loc"]), err) for err in e.errors()]
+            raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+    def _explain(self, loc: tuple, err: dict) -> str:
+        """One pydantic error in the user's terms: key path, origin, what is accepted."""
+        model, n = Config, 1  # walk down to the model that holds the failing key
+        while n < len(loc) and _is_model(model.model_fields.get(loc[n - 1])):
+            model, n = model.model_fields[loc[n - 1]].annotation, n + 1
+        origin = next((self.origin[loc[:k]] for k in range(n, 0, -1) if loc[:k] in self.origin), "the defaults")
+        key = ".".join(loc[:n])
+        if err["type"] == "extra_forbidden":
+            return _unknown(".".join(loc[:n - 1]), loc[n - 1], list(model.model_fields), origin)
+        field, value = model.model_fields[loc[n - 1]], self.tree
+        for k in loc[:n]:
+            value = value[k]
+        if _is_model(field):
+            return f"'{key}' is a section: give a mapping of its keys (from {origin}), got {value!r}"
+        if isinstance(value, dict) and value and field.annotation is not dict:
+            return f"'{key}' is a plain value, it has no key '{next(iter(value))}' (from {origin})"
+        if err["type"] == "literal_error":
+            accepted = ", ".join(str(v) for v in _literals(field.annotation))
+        elif err["type"] == "value_error":
+            accepted = str(err["ctx"]["error"])
+        elif err["type"] in ("greater_than_equal", "less_than_equal", "less_than", "greater_than"):
+            return f"{key}: {value!r} is out of range {_bounds(field.metadata)} (from {origin})"
+        elif field.annotation is dict:
+            return f"{key}: expected a mapping, got {value!r} (from {origin})"
+        else:
+            hint = " (use true or false)" if "bool" in _type_name(field.annotation) else ""
+            return (f"{key}: expected {_type_name(field.annotation)}, got {value!r} "
+                    f"({type(value).__name__}) from {origin}{hint}")
+        return f"{key}: {value!r} is not accepted (from {origin}); accepted values: {accepted}"
 
 
-# ----------------------------------------------------------------------------- types
+def _is_model(field) -> bool:
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def _literals(tp) -> list:
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    return [v for a in typing.get_args(tp) for v in _literals(a)]
+
+
+def _unknown(path: str, key: str, valid: list[str], origin: str) -> str:
+    prefix = f"{path}." if path else ""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    what = f"keys of '{path}'" if path else "sections of the config"
+    return f"unknown key '{prefix}{key}' (from {origin}).{hint} Valid {what}: {', '.join(valid)}"
+
+
+def _bounds(metadata: list) -> str:
+    """``[lo, hi]`` / ``[lo, hi)`` / ``[lo, inf]`` from a field's ``ge``/``le``/``lt`` constraints."""
+    def get(name):
+        return next((getattr(m, name) for m in metadata if hasattr(m, name)), None)
+
+    lo, le, lt = get("ge"), get("le"), get("lt")
+    hi = lt if lt is not None else (le if le is not None else "inf")
+    return f"[{lo}, {hi}{')' if lt is not None else ']'}"
 
 
 def _type_name(tp) -> str:
@@ -262,113 +319,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value, tp, key: str, origin: str):
-    def bad(extra: str = ""):
-        return ConfigError(
-            f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}) "
-            f"from {origin}{extra}"
-        )
-
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            return None
-        return _coerce(value, args[0], key, origin) if len(args) == 1 else value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad(" (use true or false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad()
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad()
-        return tuple(_coerce(v, a, key, origin) for v, a in zip(value, args))
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        return copy.deepcopy(value)
-    raise TypeError(f"config schema: unsupported type {tp!r} for {key}")  # a bug in this file
-
-
-_SETTING = re.compile(r"^(FAL|SPL|NATIVE|(PAL|PPL)_(\d+(\.\d*)?|\.\d+))$")
-
-
-def _check_value(value, meta: dict, key: str, origin: str) -> None:
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(
-            f"{key}: {value!r} is not accepted (from {origin}); accepted values: "
-            f"{', '.join(meta['choices'])}"
-        )
-    if "range" in meta and value is not None:
-        lo, hi, hi_open = meta["range"]
-        ok = (lo is None or value >= lo) and (
-            hi is None or (value < hi if hi_open else value <= hi)
-        ) and not (isinstance(value, float) and math.isnan(value))
-        if not ok:
-            hi_s = "inf" if hi is None else hi
-            raise ConfigError(
-                f"{key}: {value!r} is out of range [{lo}, {hi_s}{')' if hi_open else ']'} "
-                f"(from {origin})"
-            )
-    if meta.get("pattern") == "setting":
-        m = _SETTING.match(value)
-        if not m or (m.group(3) is not None and not 0.0 < float(m.group(3)) <= 1.0):
-            raise ConfigError(
-                f"{key}: {value!r} is not a label setting (from {origin}); accepted: FAL, SPL, "
-                f"NATIVE, PAL_r, PPL_r with 0 < r <= 1 (e.g. PAL_0.3, PPL_0.6)"
-            )
-
-
 def config_from_dict(tree: dict, origin: str = "a dict") -> Config:
     """Build and validate a Config from a nested dict (e.g. a saved resolved config)."""
-    raw = _Raw()
     if not isinstance(tree, dict):
         raise ConfigError(f"config from {origin} must be a mapping, got {type(tree).__name__}")
+    layers = _Layers()
     for section, body in tree.items():
-        raw.set([str(section)], body, origin, merge_dicts=True)
-    return _build(raw)
-
-
-def _build(raw: _Raw) -> Config:
-    sections = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            origin = raw.origin.get(key, "the defaults")
-            value = _coerce(raw.tree[section][f.name], hints[f.name], key, origin)
-            _check_value(value, f.metadata, key, origin)
-            kwargs[f.name] = value
-        sections[section] = cls(**kwargs)
-    return Config(**sections)
+        layers.set([str(section)], body, origin, merge_dicts=True)
+    return layers.build()
 
 
 # ----------------------------------------------------------------------------- files
@@ -395,8 +353,8 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _load_layers(path: Path, raw: _Raw, chain: tuple[Path, ...] = ()) -> None:
-    """Apply ``path`` to raw, its includes first (relative to the including file)."""
+def _load_layers(path: Path, layers: _Layers, chain: tuple[Path, ...] = ()) -> None:
+    """Apply ``path`` to layers, its includes first (relative to the including file)."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*chain, path))}")
@@ -410,9 +368,9 @@ def _load_layers(path: Path, raw: _Raw, chain: tuple[Path, ...] = ()) -> None:
                 raise ConfigError(f"{path}: '{k}' must be a file name or a list of file names, got {v!r}")
             includes += v
     for inc in includes:
-        _load_layers(path.parent / inc, raw, (*chain, path))
+        _load_layers(path.parent / inc, layers, (*chain, path))
     for section, body in data.items():
-        raw.set([str(section)], body, f"file {path}", merge_dicts=True)
+        layers.set([str(section)], body, f"file {path}", merge_dicts=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -432,13 +390,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Defaults < YAML file (with its includes) < overrides; validated."""
-    raw = _Raw()
+    layers = _Layers()
     if path is not None:
-        _load_layers(Path(path), raw)
+        _load_layers(Path(path), layers)
     for text in overrides:
         keys, value = parse_override(text)
-        raw.set(keys, value, f"override '{text}'", merge_dicts=False)
-    return _build(raw)
+        layers.set(keys, value, f"override '{text}'", merge_dicts=False)
+    return layers.build()
 
 
 def save_resolved(cfg: Config, path: str | Path) -> None:

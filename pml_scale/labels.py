@@ -16,7 +16,6 @@ stores only the observed entries, for 10k+ label spaces where most entries are m
 from __future__ import annotations
 
 import math
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pml_scale.atomic import atomic_save_npy, atomic_save_npz
+from pml_scale.atomic import atomic_path, atomic_save_npy, atomic_save_npz
 
 POS, NEG, MISSING = 1, 0, -1
 SETTINGS = ("FAL", "PAL", "PPL", "SPL", "NATIVE")
@@ -287,24 +286,34 @@ def label_stats(states, *, chunk_rows: int = 65536) -> dict:
     }
 
 
+def class_prior(stats: dict, expected_positives: float, *, floor: float = 1e-3, ceil: float = 0.5) -> np.ndarray:
+    """(L,) float32 estimate of P(y_j = 1) from observed labels (``label_stats``): the initial
+    pseudo labels of ours+ (``pseudo.init=prior``) instead of the paper's 0.5.
+
+    A class with observed negatives: its observed positive rate. A class without (PPL, SPL: only
+    positives are observed): ``expected_positives`` (k per image, as EPR/ROLE use) times its share
+    of the observed positives. Clipped to [floor, ceil]: a prior is a soft start, never certain.
+    """
+    pos = np.asarray(stats["pos_per_class"], np.float64)
+    neg = np.asarray(stats["neg_per_class"], np.float64)
+    if not (np.isfinite(expected_positives) and expected_positives >= 0):
+        raise ValueError(f"expected_positives must be a finite number >= 0, got {expected_positives!r}")
+    from_ratio = pos / np.maximum(pos + neg, 1.0)
+    from_share = float(expected_positives) * pos / max(pos.sum(), 1.0)
+    return np.clip(np.where(neg > 0, from_ratio, from_share), floor, ceil).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- the store
 
 
 def _atomic_save_npy_stream(path: Path, shape: tuple[int, int], blocks: Iterator[tuple[int, np.ndarray]]) -> None:
     """Atomic .npy write through a memmap: memory stays at one block whatever the array size."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=shape)
         for a, block in blocks:
             mm[a:a + block.shape[0]] = block
         mm.flush()
         del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class ObservedLabels:

@@ -71,7 +71,7 @@ class TinyResNet(nn.Module):
     trains a few hundred images a second. Works at any input size >= 16 px.
     """
 
-    def __init__(self, num_classes: int, widths: tuple[int, ...] = (32, 48, 96, 192)):
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (32, 48, 96, 192), zero_init_residual: bool = True):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU(inplace=True))
@@ -80,8 +80,9 @@ class TinyResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for blk in self.stages:  # zero-init last BN: each block starts as identity (stabler)
-            nn.init.zeros_(blk.bn2.weight)
+        if zero_init_residual:  # each block starts as identity: stabler from scratch, but slower to learn
+            for blk in self.stages:  # shapes from a short schedule (demo_backbone pretrains with False)
+                nn.init.zeros_(blk.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write_json
+from .atomic import atomic_path, atomic_write_json
 
 STORE_FORMAT = "pml-scale-store"
 STORE_VERSION = 1
@@ -108,26 +108,18 @@ def sparse_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """
     src, dst = Path(src), Path(dst)
     size = src.stat().st_size
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            fo.truncate(size)
-            for start, end in _data_extents(fi.fileno(), size):
-                pos = start - start % COPY_CHUNK
-                while pos < end:
-                    n = min(COPY_CHUNK, size - pos)
-                    fi.seek(pos)
-                    buf = fi.read(n)
-                    if np.frombuffer(buf, dtype=np.uint8).any():
-                        fo.seek(pos)
-                        fo.write(buf)
-                    pos += n
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(dst) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+        fo.truncate(size)
+        for start, end in _data_extents(fi.fileno(), size):
+            pos = start - start % COPY_CHUNK
+            while pos < end:
+                n = min(COPY_CHUNK, size - pos)
+                fi.seek(pos)
+                buf = fi.read(n)
+                if np.frombuffer(buf, dtype=np.uint8).any():
+                    fo.seek(pos)
+                    fo.write(buf)
+                pos += n
 
 
 # ----------------------------------------------------------------------------- base
@@ -260,21 +252,58 @@ class _RowStore:
 
 
 class PseudoLabelStore(_RowStore):
-    """Pseudo labels y~ (DESIGN.md section 1, Eq. 5), stored as float16 y~ - 0.5 so that a fresh
-    sparse file reads as y~ = 0.5 everywhere. Precision: 2**-12 absolute near y~ = 0 or 1."""
+    """Pseudo labels y~ (DESIGN.md section 1, Eq. 5), stored as float16 y~ - init so that a fresh
+    sparse file reads as y~ = init everywhere: 0.5 (the paper), or a per-label initial value
+    (``init``, e.g. the class prior: ours+), kept in the header. Precision: 2**-12 absolute near
+    y~ = 0 or 1."""
 
     KIND = "pseudo"
     DTYPE = np.dtype(np.float16)
     ENCODING = "yhat_minus_half"
 
-    def __init__(self, path, num_samples, num_labels, *, create: bool = True):
+    def __init__(self, path, num_samples, num_labels, *, create: bool = True, init=None):
+        """``init``: None (0.5 everywhere, or what an existing store's header says) or a (num_labels,)
+        array of initial values in [0, 1], rounded to float16."""
+        self.init = None
+        if init is not None:
+            init = np.asarray(init, dtype=np.float32).reshape(-1)
+            if init.shape != (int(num_labels),) or not ((init >= 0) & (init <= 1)).all():
+                raise ValueError(f"{path}: init must be {int(num_labels)} values in [0, 1], got shape {init.shape}")
+            self.init = init.astype(np.float16).astype(np.float32)
+        elif Path(path).exists() and self.header_path(path).exists():
+            try:
+                saved = json.loads(self.header_path(path).read_text()).get("init")
+            except (OSError, json.JSONDecodeError):
+                saved = None  # check_file reports the unreadable header
+            if saved is not None:
+                self.init = np.asarray(saved, dtype=np.float32)
         super().__init__(path, num_samples, num_labels, create=create)
+
+    def _header(self) -> dict:
+        header = super()._header()
+        if self.init is not None:
+            header.update(encoding="yhat_minus_init", init=[float(v) for v in self.init])
+        return header
+
+    def check_file(self, path) -> None:
+        super().check_file(path)
+        if self.init is not None:
+            saved = json.loads(self.header_path(path).read_text()).get("init")
+            if saved is None or not np.array_equal(np.asarray(saved, np.float32), self.init):
+                raise ValueError(f"{self.header_path(path)}: the store's initial pseudo labels differ from the ones "
+                                 f"asked for; delete {path} to start a fresh store")
+
+    @property
+    def _offset(self):
+        return np.float32(0.5) if self.init is None else self.init
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 (B, L) pseudo labels of ``ids`` (repeats allowed), on ``ids.device``."""
         ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
         rows = self._read_rows(ids_np).astype(np.float32)
-        rows += 0.5
+        rows += self._offset
+        if self.init is not None:  # fp16 rounding of ŷ - init can step just outside [0, 1]
+            np.clip(rows, 0.0, 1.0, out=rows)
         out = torch.from_numpy(rows)
         return out.to(ids.device) if torch.is_tensor(ids) else out
 
@@ -285,7 +314,9 @@ class PseudoLabelStore(_RowStore):
         ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
         out = self._out(out, ids_np.size, np.float32)
         out[...] = self._read_rows(ids_np)
-        out += np.float32(0.5)
+        out += self._offset
+        if self.init is not None:  # as gather: fp16 rounding of ŷ - init can step just outside [0, 1]
+            np.clip(out, 0.0, 1.0, out=out)
         return out
 
     def scatter(self, ids: torch.Tensor, yhat: torch.Tensor, mask: torch.Tensor | None = None,
@@ -313,7 +344,7 @@ class PseudoLabelStore(_RowStore):
         if ids_np.size == 0:
             return
         uniq, rows = _last_occurrence(ids_np)
-        enc = values[rows] - np.float32(0.5)
+        enc = values[rows] - self._offset
         if momentum or mask_np is not None:
             old = self._mm[uniq].astype(np.float32)
             if momentum:

@@ -44,8 +44,8 @@ from .data.loaders import LoaderConfig, build_loader
 from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
-from .labels import POS, ObservedLabels, parse_setting
-from .losses import LossInputs, build_loss, loss_options
+from .labels import POS, ObservedLabels, class_prior, label_stats, parse_setting
+from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
 from .stores import PseudoLabelStore, RoleEstimates
 from .tracking import Tracker
@@ -63,8 +63,8 @@ def ensure_dataset(cfg, dist_info) -> dict:
         if dist_info.is_local_main and not (root / "manifest.json").exists():
             from .data.demo import build_demo
 
-            print(f"[pml-scale] building the embedded demo dataset in {root} ...", flush=True)
-            build_demo(root, seed=0)
+            print(f"[pml-scale] building the embedded demo dataset '{cfg.data.demo_dataset}' in {root} ...", flush=True)
+            build_demo(root, dataset=cfg.data.demo_dataset, seed=0, progress=True)
         barrier()
     return read_manifest(root)
 
@@ -208,6 +208,7 @@ def run(cfg) -> dict:
     per_node = cfg.pseudo.sync == "affinity"
     if per_node and cfg.data.affinity != "shard":
         raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
+    k_expected = expected_positives(full_train)  # EPR/ROLE's k and the class prior's scale
     resuming = broadcast_object(cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists())
     stores = {}
     if dist_info.is_local_main:
@@ -216,7 +217,10 @@ def run(cfg) -> dict:
             for name in ("pseudo.f16", "role.f32"):
                 for leftover in (store_dir / name, store_dir / f"{name}.json"):
                     leftover.unlink(missing_ok=True)
-        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True)
+        init = None
+        if cfg.pseudo.init == "prior":
+            init = class_prior(label_stats(observed), k_expected)
+        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True, init=init)
     barrier()
     pseudo_store = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
     stores["pseudo"] = pseudo_store
@@ -227,7 +231,6 @@ def run(cfg) -> dict:
         barrier()
         role_store = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
         stores["role"] = role_store
-    k_expected = expected_positives(full_train)
 
     # ---- model and engine
     # weights are built NCHW: DeepSpeed broadcasts parameters as raw bytes at initialisation, which
@@ -258,7 +261,7 @@ def run(cfg) -> dict:
 
         label_group = dist.new_group(backend="gloo")
     traffic = LabelTraffic(observed=observed, pseudo_store=pseudo_store, role_store=role_store,
-                           device=dist_info.device, counts_fn=batch_label_counts,
+                           device=dist_info.device, counts_fn=batch_label_counts(loss_fn),
                            global_counts=batch_stats == "global", group=label_group,
                            world_size=dist_info.world_size, rank=dist_info.rank,
                            writer=per_node or dist_info.is_local_main, per_node=per_node,
@@ -318,9 +321,9 @@ def run(cfg) -> dict:
                     img_s = n_imgs / max(now - t_last, 1e-9)
                     t_last, n_imgs = now, 0
                     lr = scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", a=f"{values.get('alpha', 0):.3f}",
-                                    b=f"{values.get('beta', 0):.3f}", d=f"{values.get('d', 0):.2f}",
-                                    p2=f"{values.get('p2_share', 0):.2f}", img_s=f"{img_s:.0f}", refresh=False)
+                    own = {{"alpha": "a", "beta": "b", "p2_share": "p2"}.get(k, k): f"{v:.3g}"
+                           for k, v in values.items() if k != "loss"}  # the statistics this loss returned, only
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", **own, img_s=f"{img_s:.0f}", refresh=False)
                     tracker.log("train", state["global_step"], epoch=epoch, lr=lr, img_s=img_s,
                                 skipped=train_loader.skipped, **values)
                 if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < steps_per_epoch:
@@ -366,12 +369,16 @@ def run(cfg) -> dict:
     return summary
 
 
-def batch_label_counts(states: np.ndarray, pseudo: np.ndarray, ids: np.ndarray, epoch: int) -> tuple[float, float]:
-    """(P, T) of the paper's α/β for one rank's batch, on the host (no device sync): P = observed
-    positives, T = label slots B·L, over the valid rows (``states``/``pseudo`` (V, L) host arrays,
-    ``ids`` (V,)). Summed over ranks afterwards when loss.options.batch_stats is global.
-    The one place that decides what the counts are: swap it for another reading of α/β."""
-    return float(np.count_nonzero(states == POS)), float(states.size)
+def batch_label_counts(loss_fn):
+    """The host function the label thread calls per batch: (states, pseudo, ids) of the valid rows
+    as host arrays and the epoch -> (P, T) of the loss's α/β reading (``alpha_beta_host_counts``),
+    or None when the loss needs none. Host-side and sync-free; summed over ranks afterwards when
+    loss.options.batch_stats is global."""
+    def counts(states: np.ndarray, pseudo: np.ndarray, ids: np.ndarray, epoch: int):
+        c = alpha_beta_host_counts(loss_fn, states, torch.from_numpy(pseudo), ids, epoch=epoch)
+        return None if c is None else (float(c[0]), float(c[1]))
+
+    return counts
 
 
 def engine_config(ds: dict, cfg) -> dict:
@@ -441,6 +448,16 @@ def train_step(engine, batch, pending, loss_fn, *, traffic, cfg, epoch, in_dtype
     stats = {"loss": out.loss.detach()}
     stats.update(out.stats)
     return stats
+
+
+def alpha_beta_host_counts(loss_fn, states: np.ndarray, pseudo: torch.Tensor, ids: np.ndarray, *, epoch: int):
+    """(P, T) of this rank's counted rows for the paper loss's α/β reading (float64 CPU tensor), computed on
+    the host from the gathered labels (no device sync); None when the loss needs none."""
+    opts = getattr(loss_fn, "options", None)
+    if not isinstance(opts, PaperOptions) or opts.reading == "none":
+        return None
+    return alpha_beta_counts(opts.reading, torch.from_numpy(states), pseudo, torch.from_numpy(ids),
+                             seed=loss_fn.seed, epoch=epoch, q=opts.q_used)
 
 
 def prepare_images(images: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

@@ -192,3 +192,164 @@ def test_parse_cli_accepts_deepspeed_local_rank():
         parse_cli(["--epochs", "3"])
     with pytest.raises(ConfigError, match="not an override"):
         parse_cli(["--config", "c.yaml", "stray"])
+
+
+# ----------------------------------------------------------------------------- every error path
+# One case per way a config can be wrong today: the message names the key, where the value came
+# from (file or override) and what is accepted. Written against the hand-made validator and kept
+# unchanged when the schema moved onto pydantic.
+
+
+def error_of(path=None, overrides=()) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    # unknown key, at each level, with a close-match hint and the valid keys
+    ("optm.lr=0.1", ["unknown key 'optm'", "override 'optm.lr=0.1'", "Did you mean 'optim'?",
+                     "run, data, model, loss, optim, deepspeed, pseudo, eval"]),
+    ("zzzz=1", ["unknown key 'zzzz'", "Valid sections of the config: run"]),
+    ("model.dtpye=fp16", ["unknown key 'model.dtpye'", "Did you mean 'model.dtype'?", "channels_last"]),
+    ("run.qqqqqq=1", ["unknown key 'run.qqqqqq'", "Valid keys of 'run'"]),
+    ("run.epochs.x=1", ["run.epochs", "no key 'x'", "override 'run.epochs.x=1'"]),
+    ("optim.betas.0=0.5", ["optim.betas", "no key '0'"]),
+    # wrong type, each kind of field
+    ("run.epochs=true", ["run.epochs", "expected int", "True", "override 'run.epochs=true'"]),
+    ("run.epochs='3'", ["run.epochs", "expected int", "'3'"]),
+    ("run.epochs=", ["run.epochs", "expected int", "None"]),
+    ("optim.lr=true", ["optim.lr", "expected float", "True"]),
+    ("optim.lr=[1]", ["optim.lr", "expected float", "[1]"]),
+    ("run.name=[a]", ["run.name", "expected str", "['a']"]),
+    ("run.name=true", ["run.name", "expected str", "True"]),
+    ("run.name=", ["run.name", "expected str", "None"]),
+    ("model.compile=1", ["model.compile", "expected bool", "use true or false"]),
+    ("eval.partial=2", ["eval.partial", "bool", "2"]),
+    ("model.pretrained=[a]", ["model.pretrained", "str", "['a']"]),
+    ("optim.betas=[0.9, 0.99, 0.999]", ["optim.betas", "list of 2 float", "0.999"]),
+    ("optim.betas=[0.9, x]", ["optim.betas", "float", "'x'"]),
+    ("optim.betas={a: 1}", ["optim.betas", "'a'"]),
+    ("deepspeed.extra=[1, 2]", ["deepspeed.extra", "mapping", "[1, 2]"]),
+    ("loss.options=", ["loss.options", "mapping", "None"]),
+    ("run=3", ["'run' is a section", "mapping", "3", "override 'run=3'"]),
+    # out of range: lower bound, closed and open upper bound, NaN
+    ("run.epochs=0", ["run.epochs", "0", "out of range [1, inf]", "override 'run.epochs=0'"]),
+    ("run.eval_every=-1", ["run.eval_every", "out of range [0, inf]"]),
+    ("data.hflip=1.5", ["data.hflip", "1.5", "out of range [0.0, 1.0]"]),
+    ("data.hflip=-0.1", ["data.hflip", "out of range [0.0, 1.0]"]),
+    ("model.head_dropout=1.0", ["model.head_dropout", "out of range [0.0, 1.0)"]),
+    ("pseudo.momentum=1", ["pseudo.momentum", "out of range [0.0, 1.0)"]),
+    ("optim.lr=.nan", ["optim.lr", "nan", "out of range"]),
+    ("deepspeed.zero_stage=4", ["deepspeed.zero_stage", "out of range [0, 3]"]),
+    # a choice not accepted
+    ("optim.name=adam", ["optim.name", "'adam'", "adamw, sgd", "override 'optim.name=adam'"]),
+    ("pseudo.sync=ring", ["pseudo.sync", "allgather, affinity"]),
+    ("model.dtype=16", ["model.dtype", "16", "bf16, fp16, fp32"]),
+    ("data.setting=PAL_0", ["data.setting", "'PAL_0'", "0 < r <= 1"]),
+    ("data.setting=PPL_1.5", ["data.setting", "PPL_r"]),
+    ("data.setting=pal_0.3", ["data.setting", "FAL, SPL, NATIVE"]),
+    ("data.setting=PAL", ["data.setting", "PAL_r"]),
+    # the override syntax
+    ("run.epochs", ["run.epochs", "section.key=value"]),
+    ("=3", ["bad key", "section.key=value"]),
+    ("run..epochs=3", ["bad key 'run..epochs'"]),
+    (".epochs=3", ["bad key '.epochs'"]),
+])
+def test_each_error_names_key_origin_and_accepted(override, words):
+    msg = error_of(overrides=[override])
+    for w in words:
+        assert w in msg, (w, msg)
+    assert msg.count("\n") == 0  # one error, one line
+
+
+def test_override_value_must_be_yaml():
+    msg = error_of(overrides=["run.epochs=[1"])
+    assert "override 'run.epochs=[1'" in msg and "not valid YAML" in msg
+
+
+def test_no_hint_when_nothing_is_close():
+    assert "Did you mean" not in error_of(overrides=["run.qqqqqq=1"])
+    assert "Did you mean" not in error_of(overrides=["zzzz=1"])
+
+
+@pytest.mark.parametrize("override, check", [
+    ("run.epochs=3.0", lambda c: c.run.epochs == 3 and type(c.run.epochs) is int),
+    ("optim.lr=2", lambda c: c.optim.lr == 2.0 and type(c.optim.lr) is float),
+    ("optim.lr='1e-3'", lambda c: c.optim.lr == 1e-3),
+    ("optim.betas=['0.5', 1]", lambda c: c.optim.betas == (0.5, 1.0)),
+    ("run.name=123", lambda c: c.run.name == "123"),
+    ("model.pretrained=7", lambda c: c.model.pretrained == "7"),
+    ("model.pretrained=None", lambda c: c.model.pretrained is None),
+    ("eval.partial=null", lambda c: c.eval.partial is None),
+    ("eval.partial=yes", lambda c: c.eval.partial is True),  # YAML 1.1 booleans
+    ("data.hflip=1", lambda c: c.data.hflip == 1.0),  # closed upper bound
+    ("pseudo.momentum=0.999", lambda c: c.pseudo.momentum == 0.999),
+    ("run.eval_every=0", lambda c: c.run.eval_every == 0),
+    ("deepspeed.zero_stage=3", lambda c: c.deepspeed.zero_stage == 3),
+    ("data.setting=PAL_1", lambda c: c.data.setting == "PAL_1"),
+    ("data.setting=PPL_.5", lambda c: c.data.setting == "PPL_.5"),
+    ("data.setting=NATIVE", lambda c: c.data.setting == "NATIVE"),
+    ("loss.options.a.b=1", lambda c: c.loss.options == {"a": {"b": 1}}),
+    ("deepspeed.extra.zero_optimization.stage=3", lambda c: c.deepspeed.extra == {"zero_optimization": {"stage": 3}}),
+    ("run={epochs: 4}", lambda c: c.run.epochs == 4 and c.run.name == "run"),
+    ("loss={q: 0.1, name: an}", lambda c: c.loss.options == {"q": 0.1} and c.loss.name == "an"),
+    ("run.name=a=b", lambda c: c.run.name == "a=b"),
+])
+def test_values_yaml_gives_are_accepted(override, check):
+    assert check(load_config(None, [override]))
+
+
+def test_file_errors_name_the_file_the_value_came_from(tmp_path):
+    inc = write(tmp_path / "base" / "inc.yaml", "optim: {lr: fast}\nrun: {epochs: 0}\n")
+    top = write(tmp_path / "top.yaml", "include: base/inc.yaml\nrun: {epochs: 2}\n")
+    msg = error_of(top)  # the bad lr came from the included file, not the including one
+    assert "optim.lr" in msg and "expected float" in msg and f"file {inc.resolve()}" in msg
+    assert "run.epochs" not in msg  # the top file replaced the included 0
+    assert load_config(top, ["optim.lr=0.5"]).optim.lr == 0.5  # only the final value is checked
+    msg = error_of(write(tmp_path / "unk.yaml", "optm:\n  lr: 0.1\n"))
+    assert "unknown key 'optm'" in msg and "unk.yaml" in msg and "Did you mean 'optim'?" in msg
+    msg = error_of(write(tmp_path / "sec.yaml", "run: 3\n"))
+    assert "'run' is a section" in msg and "sec.yaml" in msg
+    msg = error_of(write(tmp_path / "rng.yaml", "data: {hflip: 2}\n"))
+    assert "data.hflip" in msg and "out of range" in msg and "rng.yaml" in msg
+    msg = error_of(write(tmp_path / "ch.yaml", "optim: {schedule: step}\n"))
+    assert "optim.schedule" in msg and "cosine, onecycle, constant" in msg and "ch.yaml" in msg
+    msg = error_of(write(tmp_path / "emp.yaml", "run: {'': 1}\n"))
+    assert "empty key" in msg and "emp.yaml" in msg
+    msg = error_of(write(tmp_path / "plain.yaml", "optim: {betas: {a: 1}}\n"))
+    assert "optim.betas" in msg and "plain.yaml" in msg
+    cfg = load_config(write(tmp_path / "lossq.yaml", "loss: {name: an, q: 0.2, options: {m: 1}}\n"), ["loss.k=x"])
+    assert cfg.loss.name == "an" and cfg.loss.options == {"q": 0.2, "m": 1, "k": "x"}  # loss.<k> shorthand
+    assert load_config(write(tmp_path / "nul.yaml", "run:\neval: null\n")) == Config()  # empty sections
+
+
+def test_include_errors_and_order(tmp_path):
+    write(tmp_path / "a.yaml", "run: {epochs: 2, name: a}\n")
+    write(tmp_path / "b.yaml", "run: {epochs: 3}\n")
+    cfg = load_config(write(tmp_path / "top.yaml", "defaults: [a.yaml, b.yaml]\nrun: {seed: 5}\n"))
+    assert (cfg.run.epochs, cfg.run.name, cfg.run.seed) == (3, "a", 5)  # later include wins, file wins over both
+    msg = error_of(write(tmp_path / "bad_inc.yaml", "include: 3\n"))
+    assert "bad_inc.yaml" in msg and "'include' must be a file name or a list of file names" in msg
+    msg = error_of(write(tmp_path / "bad_inc2.yaml", "include: [a.yaml, {x: 1}]\n"))
+    assert "bad_inc2.yaml" in msg and "list of file names" in msg
+    msg = error_of(write(tmp_path / "self.yaml", "include: self.yaml\n"))
+    assert "include cycle" in msg and "self.yaml -> " in msg
+    write(tmp_path / "sub" / "inner.yaml", "include: ../missing.yaml\n")
+    msg = error_of(write(tmp_path / "outer.yaml", "include: sub/inner.yaml\n"))
+    assert "config file not found" in msg and "missing.yaml" in msg
+    msg = error_of(tmp_path)  # a folder, not a file
+    assert "cannot read config file" in msg and str(tmp_path) in msg
+    assert load_config(write(tmp_path / "empty.yaml", "")) == Config()
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        config_from_dict([1, 2])
+    with pytest.raises(ConfigError, match=r"unknown key 'run.epoch' \(from saved run\)"):
+        config_from_dict({"run": {"epoch": 1}}, origin="saved run")
+
+
+def test_every_bad_value_is_reported_at_once(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "run: {epochs: 0}\noptim: {lr: fast, schedule: step}\n")
+    lines = error_of(bad, ["model.dtype=f16"]).splitlines()
+    assert len(lines) == 4, lines
+    assert [l.split(":")[0] for l in lines] == ["run.epochs", "model.dtype", "optim.lr", "optim.schedule"]
+    assert "override 'model.dtype=f16'" in lines[1] and all("bad.yaml" in l for l in (lines[0], *lines[2:]))

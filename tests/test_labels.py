@@ -271,3 +271,17 @@ def test_validation_catches_corrupt_files(tmp_path):
         ObservedLabels.load(tmp_path / "gone.npy")
     with pytest.raises(ValueError, match="save_csr"):
         ObservedLabels.from_dense(dense).save(tmp_path / "x.npz")
+
+
+def test_class_prior_from_observed_rates_or_positive_shares():
+    from pml_scale.labels import class_prior, label_stats
+
+    # PAL-like: class 0 observed 1 pos / 4 entries, class 1 never positive (floor), class 2 all positive (ceil)
+    pal = np.array([[1, 0, 1], [0, -1, 1], [0, 0, -1], [0, 0, 1]], np.int8)
+    assert class_prior(label_stats(pal), 2.0).tolist() == pytest.approx([0.25, 1e-3, 0.5])
+    # PPL/SPL-like (no negatives observed): k times each class's share of the observed positives
+    ppl = np.array([[1, -1, -1], [1, 1, -1], [-1, -1, 1], [1, -1, -1]], np.int8)
+    assert class_prior(label_stats(ppl), 1.0).tolist() == pytest.approx([0.5, 0.2, 0.2])
+    assert class_prior(label_stats(ppl), 0.01).tolist() == pytest.approx([0.006, 0.002, 0.002])
+    with pytest.raises(ValueError, match="expected_positives"):
+        class_prior(label_stats(ppl), float("nan"))

@@ -38,7 +38,14 @@ def s8(rows):
 def test_alpha_beta():
     assert alpha_beta(10, 100) == pytest.approx((0.9, 0.1))
     assert alpha_beta(1, 100, 0.05) == pytest.approx((0.95, 0.05))  # γ floor
-    assert alpha_beta(torch.tensor(30), torch.tensor(100)) == pytest.approx((0.7, 0.3))
+    a, b = alpha_beta(torch.tensor(30.0), torch.tensor(100.0))  # tensors: computed on their device, no sync
+    assert torch.is_tensor(a) and (a.item(), b.item()) == pytest.approx((0.7, 0.3))
+    assert [v.item() for v in alpha_beta(torch.tensor(0.0), torch.tensor(0.0))] == pytest.approx([0.95, 0.05])
+    # clamp_high (readings observed/seen): β at most 1 − γ, e.g. a PPL batch where every observed label is positive
+    assert alpha_beta(10, 10, clamp_high=True) == pytest.approx((0.05, 0.95))
+    assert [v.item() for v in alpha_beta(torch.tensor(10.0), torch.tensor(10.0), clamp_high=True)] == \
+        pytest.approx([0.05, 0.95])
+    assert alpha_beta(10, 10) == pytest.approx((0.0, 1.0))
     with pytest.raises(ValueError, match="T"):
         alpha_beta(0, 0)
     with pytest.raises(ValueError, match="P"):
@@ -76,8 +83,8 @@ STATES_2x4 = [[1, 0, -1, -1], [-1, 0, 0, -1]]
 PSEUDO_2x4 = [[0.3, 0.6, 0.5, 0.2], [0.5, 0.9, 0.9, 0.3]]
 
 
-def hand_2x4(d, p0, p1):
-    alpha, beta = 7 / 8, 1 / 8  # P = 1 positive, T = 8 slots, 1/8 > γ
+def hand_2x4(d, p0, p1, alpha=7 / 8, beta=1 / 8):
+    # default: reading "slots", P = 1 positive, T = 8 slots, 1/8 > γ
     A0 = 0.5 * ln(0.75) + d / 2 * (0.5 * ln(0.5) + 0.2 * ln(0.9))
     B0 = 0.5 * ln(0.75) + d / 2 * (0.5 * ln(0.5) + 0.8 * ln(0.1))
     A1 = d / 2 * (0.5 * ln(0.05) + 0.3 * ln(0.05))
@@ -116,6 +123,73 @@ def test_paper_ablation_flags_2x4():
     B1 = 0.5 * (ln(0.95) + ln(0.99)) + d / 2 * (0.5 * ln(0.95) + 0.7 * ln(0.95))
     want = 0.5 * (-(A0 + B0) - 2 * (A1 + B1))
     assert partial_label_loss(*args, **kw, use_alpha_beta=False).item() == pytest.approx(want)
+
+
+# α/β readings on the 2×4 batch with q = 1 (every missing entry picked): 4 observed entries, 1 positive;
+# picked pseudo labels .5 + .2 (row 0) + .5 + .3 (row 1) = 1.5 over 4 picked entries.
+@pytest.mark.parametrize("reading,P,T", [("slots", 1, 8), ("observed", 1, 4), ("seen", 2.5, 8), ("none", None, None)])
+def test_paper_alpha_beta_readings_2x4(reading, P, T):
+    from pml_scale.losses import alpha_beta_counts
+
+    args = (t64(LOGITS_2x4), s8(STATES_2x4), t64(PSEUDO_2x4), torch.tensor([4, 9]))
+    d = math.exp(-1 / 3)
+    alpha, beta = (1.0, 1.0) if P is None else (1 - P / T, P / T)
+    loss, stats, _ = partial_label_loss_with_stats(*args, epoch=1, total_epochs=6, seed=0, q=1.0, alpha_beta=reading)
+    assert loss.item() == pytest.approx(hand_2x4(d, 1, 2, alpha, beta), rel=1e-12)
+    assert (stats["alpha"], stats["beta"]) == pytest.approx((alpha, beta))
+    if P is not None:
+        counts = alpha_beta_counts(reading, args[1], args[2], args[3], seed=0, epoch=1, q=1.0)
+        assert counts.dtype == D64 and counts.tolist() == pytest.approx([P, T])
+    # the gradient of every reading is the closed form's
+    x = args[0].clone().requires_grad_(True)
+    partial_label_loss(x, *args[1:], epoch=1, total_epochs=6, seed=0, q=1.0, alpha_beta=reading).backward()
+    want = partial_label_loss_grad(*args, epoch=1, total_epochs=6, seed=0, q=1.0, alpha_beta=reading)
+    assert torch.allclose(x.grad, want, rtol=1e-10, atol=1e-14)
+
+
+def test_alpha_beta_counts_seen_uses_the_loss_picks():
+    from pml_scale.losses import alpha_beta_counts
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randint(-1, 2, (5, 37), generator=g).to(torch.int8)
+    pseudo = torch.rand(5, 37, generator=g, dtype=D64)
+    ids = torch.tensor([3, 17, 2, 90, 11])
+    picked = pick_mask(ids, 37, seed=7, epoch=2, q=0.4) & (states == -1)
+    want_p = float((states == 1).sum()) + float(pseudo[picked].sum())
+    want_t = float((states >= 0).sum()) + float(picked.sum())
+    got = alpha_beta_counts("seen", states, pseudo, ids, seed=7, epoch=2, q=0.4)
+    assert got.tolist() == pytest.approx([want_p, want_t])
+    with pytest.raises(ValueError, match="seen"):
+        alpha_beta_counts("seen", states)
+    with pytest.raises(ValueError, match="alpha_beta must be one of"):
+        alpha_beta_counts("labels", states)
+    with pytest.raises(ValueError, match="alpha_beta must be one of"):
+        build_loss("paper", alpha_beta="everything")
+
+
+def test_paper_balanced_pseudo_weights_2x4():
+    """ours+ pseudo_weights="balanced": observed terms keep α/β, picked terms weigh (α+β)/2 each."""
+    args = (t64(LOGITS_2x4), s8(STATES_2x4), t64(PSEUDO_2x4), torch.tensor([4, 9]))
+    d, a, b = math.exp(-1 / 3), 7 / 8, 1 / 8
+    m = (a + b) / 2
+    obs0 = a * 0.5 * ln(0.75) + b * 0.5 * ln(0.75)
+    pick0 = m * d / 2 * ((0.5 * ln(0.5) + 0.2 * ln(0.9)) + (0.5 * ln(0.5) + 0.8 * ln(0.1)))
+    obs1 = b * 0.5 * (ln(0.95) + ln(0.99))
+    pick1 = m * d / 2 * ((0.5 * ln(0.05) + 0.3 * ln(0.05)) + (0.5 * ln(0.95) + 0.7 * ln(0.95)))
+    want = 0.5 * (-(obs0 + pick0) - 2 * (obs1 + pick1))
+    kw = dict(epoch=1, total_epochs=6, seed=0, q=1.0, pseudo_weights="balanced")
+    assert partial_label_loss(*args, **kw).item() == pytest.approx(want, rel=1e-12)
+    x = args[0].clone().requires_grad_(True)
+    partial_label_loss(x, *args[1:], **kw).backward()
+    assert torch.allclose(x.grad, partial_label_loss_grad(*args, **kw), rtol=1e-10, atol=1e-14)
+    # at ỹ = ŷ the balanced pseudo gradient vanishes on every picked entry (no drift), the paper's does not
+    yhat = torch.sigmoid(args[0])
+    g_bal = partial_label_loss_grad(args[0], args[1], yhat, args[3], **kw)
+    g_pap = partial_label_loss_grad(args[0], args[1], yhat, args[3], **{**kw, "pseudo_weights": "alpha_beta"})
+    missing = args[1] == -1
+    assert g_bal[missing].abs().max() < 1e-15 and (g_pap[missing] < 0).all()  # α > β: the paper pushes up
+    with pytest.raises(ValueError, match="pseudo_weights"):
+        partial_label_loss(*args, **{**kw, "pseudo_weights": "equal"})
 
 
 def test_paper_batch_counts_override():
@@ -411,7 +485,7 @@ def test_registry_names_and_every_loss_backprops():
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
         assert out.yhat.shape == (6, 10) and not out.yhat.requires_grad, name
         assert torch.allclose(out.yhat.float(), torch.sigmoid(logits)), name
-        assert all(isinstance(v, float) for v in out.stats.values()), name
+        assert all(isinstance(v, float) or (torch.is_tensor(v) and v.dim() == 0) for v in out.stats.values()), name
 
 
 def test_registry_errors():

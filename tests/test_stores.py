@@ -253,6 +253,36 @@ def test_allgather_updates_two_ranks_keep_identical_stores(tmp_path):
     assert (got != 0.5).any()
 
 
+def test_pseudo_store_with_a_per_label_init(tmp_path):
+    """ours+ (pseudo.init=prior): a fresh store reads as the per-label init; writes round-trip;
+    the init lives in the header, so another process, a snapshot and a restore all see it."""
+    init = np.array([0.02, 0.5, 0.3, 0.999], np.float32)
+    path = tmp_path / "p.f16"
+    store = PseudoLabelStore(path, 5, 4, create=True, init=init)
+    want = np.tile(init.astype(np.float16).astype(np.float32), (2, 1))
+    assert np.array_equal(store.gather(torch.tensor([4, 0])).numpy(), want)
+    assert os.stat(path).st_blocks == 0  # still a sparse file
+    store.scatter(torch.tensor([1]), torch.tensor([[0.0, 1.0, 0.25, 0.5]]))
+    got = store.gather(torch.tensor([1])).numpy()[0]
+    assert np.allclose(got, [0.0, 1.0, 0.25, 0.5], atol=2 ** -11)
+    other = PseudoLabelStore(path, 5, 4, create=False)  # another rank: init read from the header
+    assert np.array_equal(other.gather(torch.tensor([1, 3])).numpy(), store.gather(torch.tensor([1, 3])).numpy())
+    store.snapshot(tmp_path / "snap.f16")
+    store.scatter(torch.tensor([1]), torch.full((1, 4), 0.9))
+    store.restore(tmp_path / "snap.f16")
+    assert np.allclose(store.gather(torch.tensor([1])).numpy()[0], got)
+    # ŷ = 1 or 0 against an init that fp16 cannot pair exactly still reads back inside [0, 1]
+    store.scatter(torch.tensor([2]), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    back = store.gather(torch.tensor([2])).numpy()[0]
+    assert ((back >= 0) & (back <= 1)).all() and np.allclose(back, [1, 0, 1, 0], atol=2 ** -10)
+    ids = np.array([2, 4, 1])  # the host gather of the label thread reads the same values
+    np.testing.assert_array_equal(store.gather_numpy(ids), store.gather(torch.from_numpy(ids)).numpy())
+    with pytest.raises(ValueError, match="initial pseudo labels differ"):
+        PseudoLabelStore(path, 5, 4, create=True, init=init[::-1].copy())
+    with pytest.raises(ValueError, match="init must be 4 values"):
+        PseudoLabelStore(tmp_path / "q.f16", 5, 4, init=np.array([0.1, 1.2, 0.3, 0.3]))
+
+
 # ----------------------------------------------------------------------------- host gathers, fixed-size all-gather
 
 

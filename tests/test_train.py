@@ -35,7 +35,7 @@ def tiny_demo(tmp_path_factory):
     from pml_scale.data.demo import build_demo
 
     root = tmp_path_factory.mktemp("demo") / "data"
-    build_demo(root, seed=0, n_train=96, n_test=48, size=32, shard_size=32)
+    build_demo(root, seed=0, n_train=96, n_test=48, size=32, shard_size=32, pretrain=False)
     return root
 
 

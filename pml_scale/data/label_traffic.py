@@ -51,7 +51,7 @@ class BatchLabels:
     pseudo: torch.Tensor  # (V, L) float32 ỹ from the store
     estimates: torch.Tensor | None  # (V, L) float32 ROLE logits, or None
     rows: torch.Tensor | None  # (V,) int64 positions of the valid rows in the batch; None: all valid
-    counts: tuple[float, float]  # (P, T) for α/β, global sums when the statistics are global
+    counts: tuple[float, float] | None  # (P, T) for α/β (global sums when global); None: not needed
     ids_host: np.ndarray  # (V,) the valid ids on the host
     batch_size: int
 
@@ -60,7 +60,7 @@ class LabelTraffic:
     """Background gathers and deferred scatters for one rank (see the module docstring)."""
 
     def __init__(self, *, observed, pseudo_store, role_store, device: torch.device,
-                 counts_fn: Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[float, float]],
+                 counts_fn: Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[float, float] | None],
                  global_counts: bool, group, world_size: int, rank: int, writer: bool, per_node: bool,
                  momentum: float, debug_dir: str | None = None):
         self.observed, self.pseudo_store, self.role_store = observed, pseudo_store, role_store
@@ -127,20 +127,20 @@ class LabelTraffic:
         if self.role_store is not None:
             estimates = self._pinned((V, L), torch.float32)
             self.role_store.gather_numpy(vids, out=estimates.numpy())
-        P, T = self.counts_fn(states.numpy(), pseudo.numpy(), vids, epoch)
-        if self.global_counts:  # one tiny host all-reduce on our own gloo group: no GPU involved
+        counts = self.counts_fn(states.numpy(), pseudo.numpy(), vids, epoch)  # None: the loss needs none
+        if counts is not None and self.global_counts:  # a tiny host all-reduce on our own gloo group
             import torch.distributed as dist
 
-            both = torch.tensor([float(P), float(T)], dtype=torch.float64)
+            both = torch.tensor([float(counts[0]), float(counts[1])], dtype=torch.float64)
             dist.all_reduce(both, group=self.group)
-            P, T = float(both[0]), float(both[1])
+            counts = (float(both[0]), float(both[1]))
         ids_t = self._pinned((V,), torch.int64)
         ids_t.numpy()[...] = vids
         rows_t = None
         if rows is not None:
             rows_t = self._pinned((V,), torch.int64)
             rows_t.numpy()[...] = rows
-        return BatchLabels(ids_t, states, pseudo, estimates, rows_t, (float(P), float(T)), vids, B)
+        return BatchLabels(ids_t, states, pseudo, estimates, rows_t, counts, vids, B)
 
     def to_device(self, host: BatchLabels) -> BatchLabels:
         """Non-blocking copies of a finished gather to the device (from pinned memory)."""

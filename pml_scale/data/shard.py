@@ -23,11 +23,12 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_path, atomic_write_json
 from . import images
 from .convert import ConvertError, convert
 from .format import DALI_INDEX_VERSION, index_name_for, labels_name, read_manifest, sample_key, decode_id, \
@@ -212,22 +213,19 @@ def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *
     if split != "train":
         stem = f"{split}-{stem}"
     final = obs_dir / f"{stem}.{'npz' if csr else 'npy'}"
-    tmp = obs_dir / f".{stem}.npy.tmp-{os.getpid()}"
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=full.shape)
+
+    def draw(path) -> np.ndarray:
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int8, shape=full.shape)
         make_observed(full, name, ratio, seed, progress=progress, out=mm)
         mm.flush()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if csr:
-            ObservedLabels.from_dense(mm).save_csr(final)
-            del mm
-            tmp.unlink()
-        else:
-            del mm
-            os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return mm
+
+    if csr:  # the dense draw is scratch: only its observed entries are kept (save_csr is atomic)
+        with tempfile.NamedTemporaryFile(dir=obs_dir, prefix=f".{stem}.npy.tmp-") as scratch:
+            ObservedLabels.from_dense(draw(scratch.name)).save_csr(final)
+    else:
+        with atomic_path(final) as tmp:
+            draw(tmp)
     stats = label_stats(ObservedLabels.load(final))
     split_stats = manifest["splits"][split].get("label_stats")
     if split_stats and "class_positives" in split_stats:
@@ -329,12 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    p = sub.add_parser("demo", help="build the embedded demo dataset (digits, 80 classes)")
+    p = sub.add_parser("demo", help="build an embedded demo dataset (digits: 80 classes; longtail: 240) and "
+                                    "pretrain its backbone")
     p.add_argument("out", metavar="OUT")
+    p.add_argument("--dataset", default="digits", choices=["digits", "longtail"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2400)
-    p.add_argument("--n-test", type=int, default=800)
+    p.add_argument("--n-train", type=int, default=None, help="default: the dataset's (digits 4800, longtail 6000)")
+    p.add_argument("--n-test", type=int, default=None, help="default: the dataset's (digits 1600, longtail 2000)")
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--no-pretrain", action="store_true", help="skip pretraining the demo backbone")
     p.add_argument("--shard-size", type=int, default=400)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -383,8 +384,9 @@ def main(argv=None) -> int:
         elif a.command == "demo":
             from .demo import build_demo
 
-            manifest = build_demo(a.out, seed=a.seed, n_train=a.n_train, n_test=a.n_test, size=a.size,
-                                  shard_size=a.shard_size, workers=a.workers, progress=not a.quiet)
+            manifest = build_demo(a.out, dataset=a.dataset, seed=a.seed, n_train=a.n_train, n_test=a.n_test,
+                                  size=a.size, shard_size=a.shard_size, workers=a.workers, pretrain=not a.no_pretrain,
+                                  progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "mask":
             path = make_mask(a.out, a.setting, a.ratio, a.seed, csr=a.csr, split=a.split, progress=not a.quiet)

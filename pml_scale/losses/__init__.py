@@ -5,7 +5,10 @@ one registry that builds any of them by name from the config.
 """
 
 from pml_scale.losses.partial import (
+    ALPHA_BETA_READINGS,
+    PaperOptions,
     alpha_beta,
+    alpha_beta_counts,
     d_coefficient,
     partial_label_loss,
     partial_label_loss_grad,
@@ -17,7 +20,10 @@ from pml_scale.losses.picks import pick_mask
 from pml_scale.losses.registry import LOSSES, LossInputs, LossOutput, build_loss, loss_names, loss_options
 
 __all__ = [
+    "ALPHA_BETA_READINGS",
     "LOSSES",
+    "PaperOptions",
+    "alpha_beta_counts",
     "LossInputs",
     "LossOutput",
     "alpha_beta",

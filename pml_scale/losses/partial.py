@@ -14,9 +14,19 @@ logits give finite losses. Memory: the reference holds a handful of (B, L) fp32 
 here grows with the dataset size N or the number of ranks (α/β take global counts as two
 scalars through ``batch_counts``).
 
+α/β readings of Eq. (8), β = max(P/T, γ), α = 1 − β (``alpha_beta=``; the paper does not say
+which labels P and T count, and the choice decides whether the method works, see README):
+  slots     P = observed positives, T = all B·L label slots of the batch (β floored at γ);
+  observed  P = observed positives, T = observed entries; β clamped to [γ, 1 − γ];
+  seen      P = observed positives + Σ_S ỹ, T = observed + picked entries (what the loss sees,
+            pseudo labels counted by their value); β clamped to [γ, 1 − γ];
+  none      α = β = 1.
+Under data parallelism the trainer sums (P, T) over the global batch (``alpha_beta_counts``
+on each rank, one all-reduce) and passes them as ``batch_counts``.
+
 Ablations (paper Table VII), our readings:
-  use_alpha_beta=False → α = β = 1: the plain two-part BCE of Eq. (7) that Eq. (8) adds the
-                         penalty coefficients to;
+  use_alpha_beta=False → α = β = 1 (the reading ``none``): the plain two-part BCE of Eq. (7)
+                         that Eq. (8) adds the penalty coefficients to;
   use_d=False → d = 1;  use_p=False → p = 1;  use_q=False → q = 1 (every missing entry used).
 """
 
@@ -30,6 +40,8 @@ import torch.nn.functional as F
 
 from pml_scale.losses.picks import pick_mask, pick_threshold
 
+ALPHA_BETA_READINGS = ("slots", "observed", "seen", "none")
+PSEUDO_WEIGHTS = ("alpha_beta", "balanced")
 D_SCHEDULES = ("centered", "printed")
 P_RULES = ("text", "printed")
 BACKENDS = ("torch", "triton", "auto")
@@ -113,23 +125,66 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- coefficients
-def alpha_beta(P, T, gamma: float = 0.05) -> tuple[float, float]:
-    """Eq. (8): β = max(P/T, γ), α = 1 − β.
+def alpha_beta(P, T, gamma: float = 0.05, *, clamp_high: bool = False):
+    """Eq. (8): β = max(P/T, γ), α = 1 − β; with ``clamp_high`` β is also at most 1 − γ.
 
-    P = observed positives, T = all label slots (B·L) of the batch, or their sums over the
-    global batch under data parallelism. 0-d tensors are accepted (one host sync).
+    Host numbers give floats (checked: 0 <= P <= T, T > 0). Tensors give 0-d fp64 tensors
+    computed on their device without a host sync (the trainer's all-reduced counts), unchecked;
+    T = 0 there (no entry counted in the whole batch) gives β = γ.
     """
-    P = float(P.item() if isinstance(P, torch.Tensor) else P)
-    T = float(T.item() if isinstance(T, torch.Tensor) else T)
     gamma = float(gamma)
     if not (0.0 <= gamma <= 1.0):
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    hi = 1.0 - gamma if clamp_high else 1.0
+    if isinstance(P, torch.Tensor):
+        T = torch.as_tensor(T, dtype=torch.float64, device=P.device)
+        ratio = torch.where(T > 0, P.double() / T.clamp(min=1e-300), torch.zeros_like(T))
+        beta = ratio.clamp(min=gamma, max=max(hi, gamma))  # fp64 0-d: promotes no (B, L) tensor
+        return 1.0 - beta, beta
+    P = float(P.item() if isinstance(P, torch.Tensor) else P)
+    T = float(T.item() if isinstance(T, torch.Tensor) else T)
     if not (T > 0 and math.isfinite(T)):
-        raise ValueError(f"T (label slots in the batch) must be a positive number, got {T!r}")
+        raise ValueError(f"T (label entries counted in the batch) must be a positive number, got {T!r}")
     if not (0.0 <= P <= T):
-        raise ValueError(f"P (observed positives) must be in [0, T={T:g}], got {P!r}")
-    beta = max(P / T, gamma)
+        raise ValueError(f"P (positives counted) must be in [0, T={T:g}], got {P!r}")
+    beta = min(max(P / T, gamma), max(hi, gamma))
     return 1.0 - beta, beta
+
+
+def check_reading(alpha_beta_reading: str) -> str:
+    if alpha_beta_reading not in ALPHA_BETA_READINGS:
+        raise ValueError(f"alpha_beta must be one of {ALPHA_BETA_READINGS}, got {alpha_beta_reading!r}")
+    return alpha_beta_reading
+
+
+def alpha_beta_counts(reading: str, states: torch.Tensor, pseudo: torch.Tensor | None = None,
+                      sample_ids: torch.Tensor | None = None, *, seed: int = 0, epoch: int = 0,
+                      q: float = 0.5) -> torch.Tensor:
+    """(2,) float64 tensor (P, T) of one (local) batch for the α/β ``reading``, on the device of
+    ``states``; rows to leave out should not be passed. ``seen`` needs ``pseudo`` and
+    ``sample_ids`` (it counts the picked missing entries, the same picks as the loss); the
+    others read the states only. Sum these over ranks for global statistics.
+    """
+    check_reading(reading)
+    pos = (states == 1).sum()
+    if reading == "slots":
+        T = torch.tensor(states.numel(), device=states.device)
+    elif reading in ("observed", "none"):
+        T = (states >= 0).sum()
+    else:
+        if pseudo is None or sample_ids is None:
+            raise ValueError("alpha_beta='seen' counts picked pseudo labels: pass pseudo and sample_ids")
+        observed = (states >= 0).sum().double()
+        if states.is_cuda:  # one fused pass on the device (the same picks, drawn in-kernel)
+            from pml_scale.kernels import picked_pseudo_sums
+
+            sums = picked_pseudo_sums(states, pseudo, sample_ids, q=q, seed=seed, epoch=epoch).double()
+            return torch.stack([pos.double() + sums[0], observed + sums[1]])
+        picked = pick_mask(sample_ids, states.shape[1], seed=seed, epoch=epoch, q=q) & (states == -1)
+        P = pos.double() + torch.where(picked, pseudo.double(), torch.zeros((), dtype=torch.float64,
+                                                                             device=states.device)).sum()
+        return torch.stack([P, observed + picked.sum().double()])
+    return torch.stack([pos.double(), T.double()])
 
 
 def d_coefficient(epoch: int, total_epochs: int, m: float = 3.0, schedule: str = "centered") -> float:
@@ -170,6 +225,100 @@ def penalty(yhat_rowmax: torch.Tensor, threshold: float = 0.1, rule: str = "text
     return 1.0 + low.to(torch.float32)
 
 
+# --------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class PaperOptions:
+    """Every option of the paper's loss, checked once (``check``), shared by both backends.
+
+    q: pick probability of a missing entry (Eq. 12); gamma: floor of β (Eq. 8); m: Eq. (9);
+    p_threshold, p_rule: Eq. (10); d_schedule: Eq. (9) reading; alpha_beta: Eq. (8) reading;
+    pseudo_weights: "alpha_beta" (the paper: α and β also weigh the picked pseudo labels) or
+    "balanced" (ours+: both pseudo terms weighed (α + β)/2, see ``pseudo_coefficients``);
+    use_*: the ablations of Table VII.
+    """
+
+    q: float = 0.5
+    gamma: float = 0.05
+    m: float = 3.0
+    p_threshold: float = 0.1
+    d_schedule: str = "centered"
+    p_rule: str = "text"
+    alpha_beta: str = "slots"
+    pseudo_weights: str = "alpha_beta"
+    use_alpha_beta: bool = True
+    use_d: bool = True
+    use_p: bool = True
+    use_q: bool = True
+
+    def check(self) -> "PaperOptions":
+        pick_threshold(self.q)  # raises for q outside [0, 1]
+        if self.d_schedule not in D_SCHEDULES:
+            raise ValueError(f"d_schedule must be one of {D_SCHEDULES}, got {self.d_schedule!r}")
+        if self.p_rule not in P_RULES:
+            raise ValueError(f"p_rule must be one of {P_RULES}, got {self.p_rule!r}")
+        check_reading(self.alpha_beta)
+        if self.pseudo_weights not in PSEUDO_WEIGHTS:
+            raise ValueError(f"pseudo_weights must be one of {PSEUDO_WEIGHTS}, got {self.pseudo_weights!r}")
+        if not (0.0 <= float(self.gamma) <= 1.0):
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
+        if not math.isfinite(float(self.m)):
+            raise ValueError(f"m must be finite, got {self.m!r}")
+        if not math.isfinite(float(self.p_threshold)):
+            raise ValueError(f"p_threshold must be finite, got {self.p_threshold!r}")
+        return self
+
+    @property
+    def reading(self) -> str:
+        """The α/β reading in force (the ablation use_alpha_beta=False is the reading ``none``)."""
+        return self.alpha_beta if self.use_alpha_beta else "none"
+
+    @property
+    def q_used(self) -> float:
+        return self.q if self.use_q else 1.0
+
+
+def check_paper_options(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text",
+                        backend="torch", alpha_beta="slots") -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    PaperOptions(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
+                 alpha_beta=alpha_beta).check()
+
+
+def coefficients(opts: PaperOptions, states, pseudo, sample_ids, *, epoch: int, total_epochs: int, seed: int,
+                 batch_counts=None) -> tuple:
+    """(α, β, d) of one batch: α, β host floats, or 0-d device tensors (no host sync) when
+    ``batch_counts`` is a device tensor; local counts of ``opts.reading`` when it is None."""
+    if opts.reading == "none":
+        alpha = beta = 1.0
+    else:
+        if batch_counts is None:
+            batch_counts = alpha_beta_counts(opts.reading, states, pseudo, sample_ids, seed=seed, epoch=epoch,
+                                             q=opts.q_used)
+        try:
+            P, T = batch_counts
+        except (TypeError, ValueError):
+            raise ValueError(f"batch_counts must be a pair (P, T), got {batch_counts!r}") from None
+        alpha, beta = alpha_beta(P, T, opts.gamma, clamp_high=opts.reading != "slots")
+    d = d_coefficient(epoch, total_epochs, opts.m, opts.d_schedule) if opts.use_d else 1.0
+    return alpha, beta, d
+
+
+def pseudo_coefficients(opts: PaperOptions, alpha, beta) -> tuple:
+    """(α_S, β_S), the weights of the picked pseudo terms Σ_S ỹ log ŷ and Σ_S (1−ỹ) log(1−ŷ).
+
+    The paper uses α and β there too. With ỹ ≈ ŷ (ỹ is last visit's ŷ) the gradient on a picked
+    logit is then −p·d·(α−β)·ŷ(1−ŷ)/|S|: whenever α ≠ β every missing label drifts, by
+    log(α/β) in logit per visit, towards 1 (α > β) or 0, whatever the image shows. "balanced"
+    (ours+) weighs both terms (α+β)/2: the pseudo part pulls ŷ towards ỹ and no further, and
+    α/β keep balancing the observed positives against the observed negatives.
+    """
+    if opts.pseudo_weights == "balanced":
+        mid = 0.5 * (alpha + beta)
+        return mid, mid
+    return alpha, beta
+
+
 # --------------------------------------------------------------------------- shared setup
 @dataclass
 class _Setup:
@@ -183,69 +332,34 @@ class _Setup:
     inv_ne: torch.Tensor     # (B,) 1/N_e or 0
     inv_ns: torch.Tensor     # (B,) 1/|S| or 0
     p: torch.Tensor          # (B,) in {1, 2}
-    alpha: float
-    beta: float
+    alpha: float | torch.Tensor
+    beta: float | torch.Tensor
+    alpha_s: float | torch.Tensor  # weights of the picked pseudo terms (pseudo_coefficients)
+    beta_s: float | torch.Tensor
     d: float
 
 
-def check_paper_options(q, gamma, m, p_threshold, d_schedule, p_rule, backend) -> None:
-    pick_threshold(q)  # raises for q outside [0, 1]
-    if d_schedule not in D_SCHEDULES:
-        raise ValueError(f"d_schedule must be one of {D_SCHEDULES}, got {d_schedule!r}")
-    if p_rule not in P_RULES:
-        raise ValueError(f"p_rule must be one of {P_RULES}, got {p_rule!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not (0.0 <= float(gamma) <= 1.0):
-        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
-    if not math.isfinite(float(m)):
-        raise ValueError(f"m must be finite, got {m!r}")
-    if not math.isfinite(float(p_threshold)):
-        raise ValueError(f"p_threshold must be finite, got {p_threshold!r}")
-
-
-def _coefficients(states, *, epoch, total_epochs, gamma, m, d_schedule, batch_counts,
-                  use_alpha_beta, use_d) -> tuple[float, float, float]:
-    if use_alpha_beta:
-        if batch_counts is None:
-            P, T = int((states == 1).sum()), states.numel()
-        else:
-            try:
-                P, T = batch_counts
-            except (TypeError, ValueError):
-                raise ValueError(f"batch_counts must be a pair (P, T), got {batch_counts!r}") from None
-        alpha, beta = alpha_beta(P, T, gamma)
-    else:
-        alpha = beta = 1.0
-    d = d_coefficient(epoch, total_epochs, m, d_schedule)
-    return alpha, beta, (d if use_d else 1.0)
-
-
-def _setup(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, q, gamma, m,
-           p_threshold, d_schedule, p_rule, batch_counts, use_alpha_beta, use_d, use_p, use_q,
+def _setup(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, batch_counts,
            validate) -> _Setup:
-    check_paper_options(q, gamma, m, p_threshold, d_schedule, p_rule, "torch")
     if validate:
         validate_batch(logits, states, pseudo=pseudo, sample_ids=sample_ids)
-    alpha, beta, d = _coefficients(states, epoch=epoch, total_epochs=total_epochs, gamma=gamma, m=m,
-                                   d_schedule=d_schedule, batch_counts=batch_counts,
-                                   use_alpha_beta=use_alpha_beta, use_d=use_d)
+    alpha, beta, d = coefficients(opts, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
+                                  seed=seed, batch_counts=batch_counts)
     dt = compute_dtype(logits)
     x = logits.to(dt)
     yhat = torch.sigmoid(x.detach())
     pos, neg, missing = states == 1, states == 0, states == -1
-    num_labels = logits.shape[1]
-    picks = pick_mask(sample_ids, num_labels, seed=seed, epoch=epoch, q=(q if use_q else 1.0))
-    picked = picks & missing
+    picked = pick_mask(sample_ids, logits.shape[1], seed=seed, epoch=epoch, q=opts.q_used) & missing
     n_e = (pos | neg).sum(1).to(dt)
     n_s = picked.sum(1).to(dt)
     inv_ne = torch.where(n_e > 0, 1.0 / n_e.clamp(min=1), torch.zeros_like(n_e))
     inv_ns = torch.where(n_s > 0, 1.0 / n_s.clamp(min=1), torch.zeros_like(n_s))
-    if use_p:
-        p = penalty(yhat.amax(dim=1), p_threshold, p_rule).to(dt)
+    if opts.use_p:
+        p = penalty(yhat.amax(dim=1), opts.p_threshold, opts.p_rule).to(dt)
     else:
         p = torch.ones(logits.shape[0], dtype=dt, device=logits.device)
-    return _Setup(x, yhat, pos, neg, picked, missing, pseudo.to(dt), inv_ne, inv_ns, p, alpha, beta, d)
+    alpha_s, beta_s = pseudo_coefficients(opts, alpha, beta)
+    return _Setup(x, yhat, pos, neg, picked, missing, pseudo.to(dt), inv_ne, inv_ns, p, alpha, beta, alpha_s, beta_s, d)
 
 
 def _rows(s: _Setup) -> torch.Tensor:
@@ -257,93 +371,99 @@ def _rows(s: _Setup) -> torch.Tensor:
     b_obs = torch.where(s.neg, log_n, zero).sum(1)
     a_pick = torch.where(s.picked, s.pseudo * log_p, zero).sum(1)
     b_pick = torch.where(s.picked, (1 - s.pseudo) * log_n, zero).sum(1)
-    A = s.inv_ne * a_obs + s.d * s.inv_ns * a_pick
-    B = s.inv_ne * b_obs + s.d * s.inv_ns * b_pick
-    return -s.p * (s.alpha * A + s.beta * B)
+    obs = s.inv_ne * (s.alpha * a_obs + s.beta * b_obs)
+    pick = s.d * s.inv_ns * (s.alpha_s * a_pick + s.beta_s * b_pick)
+    return -s.p * (obs + pick)
 
 
-def _stats(s: _Setup) -> dict[str, float]:
-    n_missing = int(s.missing.sum())
+def _stats(s: _Setup) -> dict:
+    """Per-batch statistics; values may be 0-d tensors (read them at logging time only)."""
+    n_missing = s.missing.sum()
     return {
         "alpha": s.alpha,
         "beta": s.beta,
         "d": s.d,
-        "p2_share": float((s.p == 2).to(torch.float32).mean()),
-        "picked_share": (int(s.picked.sum()) / n_missing) if n_missing else 0.0,
+        "p2_share": (s.p == 2).to(torch.float32).mean(),
+        "picked_share": s.picked.sum() / n_missing.clamp(min=1),
     }
 
 
-# --------------------------------------------------------------------------- public face
-def partial_label_loss_with_stats(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed,
-                                  q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered",
-                                  p_rule="text", batch_counts=None, backend="torch",
-                                  use_alpha_beta=True, use_d=True, use_p=True, use_q=True,
-                                  validate=True):
-    """(loss, stats, ŷ): the scalar mean loss, a dict of floats (alpha, beta, d, p2_share =
-    fraction of rows with p = 2, picked_share = |S| / |M| over the batch), and ŷ = σ(s)
-    detached (B, L) for the pseudo-label store (fp32 from "torch", fp16 from "triton").
+def _options(**options) -> PaperOptions:
+    unknown = sorted(set(options) - set(PaperOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} of the paper's loss; valid: "
+                        f"{', '.join(PaperOptions.__dataclass_fields__)}")
+    return PaperOptions(**options).check()
 
-    ``batch_counts=(P, T)`` overrides the local counts (the trainer passes global sums).
-    On "triton", picked_share is NaN (the picks never leave the kernel).
+
+# --------------------------------------------------------------------------- public face
+def paper_loss(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed,
+               batch_counts=None, backend="torch", validate=True):
+    """(loss, stats, ŷ) of the paper's loss with options ``opts``: the scalar mean loss, a dict
+    of statistics (alpha, beta, d, p2_share = fraction of rows with p = 2, picked_share =
+    |S| / |M| over the batch; floats or 0-d tensors), and ŷ = σ(s) detached (B, L) for the
+    pseudo-label store (fp32 from "torch", fp16 from "triton").
+
+    ``batch_counts=(P, T)`` overrides the local counts of ``opts.reading`` (the trainer passes
+    global sums, host floats or a (2,) device tensor). On "triton", picked_share is NaN.
     """
-    check_paper_options(q, gamma, m, p_threshold, d_schedule, p_rule, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if logits.is_cuda else "torch"
     if backend == "triton":
-        return _triton(logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
-                       seed=seed, q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule,
-                       p_rule=p_rule, batch_counts=batch_counts, use_alpha_beta=use_alpha_beta,
-                       use_d=use_d, use_p=use_p, use_q=use_q, validate=validate)
-    s = _setup(logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs, seed=seed,
-               q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
-               batch_counts=batch_counts, use_alpha_beta=use_alpha_beta, use_d=use_d, use_p=use_p,
-               use_q=use_q, validate=validate)
-    loss = _rows(s).mean()
-    return loss, _stats(s), s.yhat
+        return _triton(opts, logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs, seed=seed,
+                       batch_counts=batch_counts, validate=validate)
+    s = _setup(opts, logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs, seed=seed,
+               batch_counts=batch_counts, validate=validate)
+    return _rows(s).mean(), _stats(s), s.yhat
 
 
-def partial_label_loss(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed,
-                       q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text",
-                       batch_counts=None, backend="torch", use_alpha_beta=True, use_d=True, use_p=True,
-                       use_q=True, validate=True) -> torch.Tensor:
+def partial_label_loss_with_stats(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed,
+                                  batch_counts=None, backend="torch", validate=True, **options):
+    """``paper_loss`` with the options as keywords (``PaperOptions`` fields); stats as floats."""
+    loss, stats, yhat = paper_loss(_options(**options), logits, states, pseudo, sample_ids, epoch=epoch,
+                                   total_epochs=total_epochs, seed=seed, batch_counts=batch_counts, backend=backend,
+                                   validate=validate)
+    return loss, {k: float(v) for k, v in stats.items()}, yhat
+
+
+def partial_label_loss(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, batch_counts=None,
+                       backend="torch", validate=True, **options) -> torch.Tensor:
     """The paper's loss: scalar mean over the B images, differentiable in ``logits``.
 
     logits (B, L) fp32/bf16/fp16 (computed in fp32), states int8 in {-1, 0, 1}, pseudo (B, L)
     ỹ in [0, 1], sample_ids (B,) int64. Picks S = pick_mask(ids, L, seed, epoch, q) ∧ missing.
-    use_alpha_beta/use_d/use_p/use_q: ablations (see the module docstring); validate=False skips
-    the input value checks. backend: "torch" | "triton" | "auto" (triton on CUDA tensors).
+    ``options``: the fields of ``PaperOptions`` (q, gamma, m, p_threshold, d_schedule, p_rule,
+    alpha_beta, use_alpha_beta/use_d/use_p/use_q). validate=False skips the value checks.
+    backend: "torch" | "triton" | "auto" (triton on CUDA tensors).
     """
-    loss, _, _ = partial_label_loss_with_stats(
-        logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs, seed=seed, q=q,
-        gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
-        batch_counts=batch_counts, backend=backend, use_alpha_beta=use_alpha_beta, use_d=use_d,
-        use_p=use_p, use_q=use_q, validate=validate)
+    loss, _, _ = paper_loss(_options(**options), logits, states, pseudo, sample_ids, epoch=epoch,
+                            total_epochs=total_epochs, seed=seed, batch_counts=batch_counts, backend=backend,
+                            validate=validate)
     return loss
 
 
-def partial_label_loss_grad(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed,
-                            q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered",
-                            p_rule="text", batch_counts=None, use_alpha_beta=True, use_d=True,
-                            use_p=True, use_q=True, validate=True) -> torch.Tensor:
+def partial_label_loss_grad(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, batch_counts=None,
+                            validate=True, **options) -> torch.Tensor:
     """Closed-form d(loss)/d(logits), (B, L) in the compute dtype: the kernel's reference.
 
-    E⁺: −pα(1−ŷ)/(N_e B) · E⁻: +pβŷ/(N_e B) · S: −p d[αỹ(1−ŷ) − β(1−ỹ)ŷ]/(|S| B) · else 0.
+    E⁺: −pα(1−ŷ)/(N_e B) · E⁻: +pβŷ/(N_e B) · S: −p d[α_S ỹ(1−ŷ) − β_S (1−ỹ)ŷ]/(|S| B) · else 0,
+    with (α_S, β_S) = ``pseudo_coefficients`` ((α, β) for the paper).
     """
-    s = _setup(logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs, seed=seed,
-               q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
-               batch_counts=batch_counts, use_alpha_beta=use_alpha_beta, use_d=use_d, use_p=use_p,
-               use_q=use_q, validate=validate)
+    s = _setup(_options(**options), logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
+               seed=seed, batch_counts=batch_counts, validate=validate)
     y, yt = s.yhat, s.pseudo
     scale = (s.p / logits.shape[0])[:, None]
     g_obs = torch.where(s.pos, -s.alpha * (1 - y), torch.where(s.neg, s.beta * y, torch.zeros_like(y)))
-    g_pick = -s.d * (s.alpha * yt * (1 - y) - s.beta * (1 - yt) * y)
+    g_pick = -s.d * (s.alpha_s * yt * (1 - y) - s.beta_s * (1 - yt) * y)
     g = s.inv_ne[:, None] * g_obs + torch.where(s.picked, s.inv_ns[:, None] * g_pick, torch.zeros_like(y))
     return scale * g
 
 
 # --------------------------------------------------------------------------- triton backend
-def _triton(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, q, gamma, m, p_threshold,
-            d_schedule, p_rule, batch_counts, use_alpha_beta, use_d, use_p, use_q, validate):
+def _triton(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, batch_counts,
+            validate):
     try:
         from pml_scale.kernels import fused_partial_label_loss
     except ImportError as exc:
@@ -353,14 +473,18 @@ def _triton(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, q,
         ) from exc
     if validate:
         validate_batch(logits, states, pseudo=pseudo, sample_ids=sample_ids)
-    alpha, beta, d = _coefficients(states, epoch=epoch, total_epochs=total_epochs, gamma=gamma, m=m,
-                                   d_schedule=d_schedule, batch_counts=batch_counts,
-                                   use_alpha_beta=use_alpha_beta, use_d=use_d)
-    if not use_p:  # ŷ >= 0 always, so "max ŷ < 0" never holds: p = 1 on every row
+    alpha, beta, d = coefficients(opts, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
+                                  seed=seed, batch_counts=batch_counts)
+    p_rule, p_threshold = opts.p_rule, opts.p_threshold
+    if not opts.use_p:  # ŷ >= 0 always, so "max ŷ < 0" never holds: p = 1 on every row
         p_rule, p_threshold = "text", 0.0
+    if isinstance(alpha, torch.Tensor):  # device counts: the kernel reads (α, β) itself, no host sync
+        ab = dict(coef=torch.stack([alpha, beta]).to(device=logits.device, dtype=torch.float32))
+    else:
+        ab = dict(alpha=float(alpha), beta=float(beta))
     loss, yhat, p = fused_partial_label_loss(
-        logits, states, pseudo, sample_ids, alpha=alpha, beta=beta, d=d, q=(q if use_q else 1.0),
-        seed=seed, epoch=epoch, p_threshold=p_threshold, p_rule=p_rule)
-    stats = {"alpha": alpha, "beta": beta, "d": d,
-             "p2_share": float((p == 2).to(torch.float32).mean()), "picked_share": float("nan")}
+        logits, states, pseudo, sample_ids, **ab, d=d, q=opts.q_used, seed=seed, epoch=epoch,
+        p_threshold=p_threshold, p_rule=p_rule, pseudo_weights=opts.pseudo_weights)
+    stats = {"alpha": alpha, "beta": beta, "d": d, "p2_share": (p == 2).to(torch.float32).mean(),
+             "picked_share": float("nan")}
     return loss, stats, yhat

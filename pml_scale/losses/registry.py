@@ -18,11 +18,7 @@ from typing import Callable
 import torch
 
 from pml_scale.losses import baselines as bl
-from pml_scale.losses.partial import (
-    check_paper_options,
-    partial_label_loss_with_stats,
-    validate_batch,
-)
+from pml_scale.losses.partial import PaperOptions, check_paper_options, paper_loss, validate_batch
 
 
 @dataclass
@@ -30,7 +26,8 @@ class LossInputs:
     """One batch, as the trainer gathers it by sample id.
 
     estimates: ROLE only, the (B, L) rows of the label estimator's logits (requires_grad).
-    batch_counts: (P, T) global positives / label slots for the paper's α/β.
+    batch_counts: (P, T) of the paper's α/β reading, summed over the global batch
+        (``partial.alpha_beta_counts``); host floats or a (2,) device tensor.
     expected_positives: k for EPR/ROLE when the loss options do not set it (from the data).
     """
 
@@ -89,22 +86,24 @@ def _simple(fn, **fixed) -> Callable[..., LossFn]:
     return builder
 
 
-def _build_paper(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text", seed=0,
-                 backend="auto", use_alpha_beta=True, use_d=True, use_p=True, use_q=True,
-                 validate=True) -> LossFn:
-    check_paper_options(q, gamma, m, p_threshold, d_schedule, p_rule, backend)
-    kw = dict(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule, seed=seed,
-              backend=backend, use_alpha_beta=use_alpha_beta, use_d=use_d, use_p=use_p, use_q=use_q)
+def _build_paper(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text", alpha_beta="slots",
+                 pseudo_weights="alpha_beta", seed=0, backend="auto", use_alpha_beta=True, use_d=True, use_p=True,
+                 use_q=True, validate=True) -> LossFn:
+    opts = PaperOptions(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
+                        alpha_beta=alpha_beta, pseudo_weights=pseudo_weights, use_alpha_beta=use_alpha_beta,
+                        use_d=use_d, use_p=use_p, use_q=use_q).check()
+    check_paper_options(backend=backend)
 
     def loss_fn(inp: LossInputs) -> LossOutput:
         if inp.pseudo is None:
             raise ValueError("loss 'paper' needs LossInputs.pseudo (the stored pseudo labels ỹ, (B, L) in [0, 1])")
         _check(inp, validate, pseudo=inp.pseudo)
-        loss, stats, yhat = partial_label_loss_with_stats(
-            inp.logits, inp.states, inp.pseudo, inp.sample_ids, epoch=inp.epoch, total_epochs=inp.total_epochs,
-            batch_counts=inp.batch_counts, validate=False, **kw)
+        loss, stats, yhat = paper_loss(opts, inp.logits, inp.states, inp.pseudo, inp.sample_ids, epoch=inp.epoch,
+                                       total_epochs=inp.total_epochs, seed=seed, batch_counts=inp.batch_counts,
+                                       backend=backend, validate=False)
         return LossOutput(loss, yhat, stats)
 
+    loss_fn.options, loss_fn.seed = opts, seed  # the trainer counts α/β statistics with them
     return loss_fn
 
 
