@@ -132,6 +132,9 @@ class ModelConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # bf16/fp16 recipe: "autocast" = torch.autocast in DeepSpeed's forward, fp32 master weights,
+    # channels_last weights; "deepspeed" = DeepSpeed's bf16/fp16 mode (bf16 weights, NCHW)
+    precision: Literal["autocast", "deepspeed"] = "autocast"
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 

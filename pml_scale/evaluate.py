@@ -15,13 +15,14 @@ def predict(engine, loader, *, epoch: int, num_labels: int, prepare=lambda image
     """Scores (sigmoid) and ids of the valid rows this rank saw, gathered from all ranks (rank order).
 
     Eval loaders pad with repeats marked valid=False so all ranks run the same number of batches;
-    those rows are dropped here, after the gather, so every test id counts exactly once.
+    those rows are dropped here, after the gather and on the host, so every test id counts exactly
+    once. The loader keeps its pipeline between calls (one per eval loader for the whole run).
     ``prepare`` puts images in the model's dtype and memory format.
     """
     engine.eval()
     loader.set_epoch(epoch)
     scores, ids, valid = [], [], []
-    for batch in loader:
+    for batch in loader:  # no host sync per batch: scores stay on the device until the end
         logits = engine(prepare(batch.images))
         scores.append(torch.sigmoid(logits.float()))
         ids.append(batch.ids)
@@ -31,10 +32,10 @@ def predict(engine, loader, *, epoch: int, num_labels: int, prepare=lambda image
     engine.train()
     if not scores:
         return np.zeros((0, num_labels), np.float32), np.zeros((0,), np.int64)
-    s = all_gather_rows(torch.cat(scores))
-    i = all_gather_rows(torch.cat(ids))
-    v = all_gather_rows(torch.cat(valid))
-    return s[v].cpu().numpy(), i[v].cpu().numpy()
+    s = all_gather_rows(torch.cat(scores)).cpu().numpy()
+    i = all_gather_rows(torch.cat(ids)).cpu().numpy()
+    v = all_gather_rows(torch.cat(valid)).cpu().numpy()
+    return s[v], i[v]
 
 
 def score(scores: np.ndarray, ids: np.ndarray, test_labels: np.ndarray, *, partial: bool | None):

@@ -236,6 +236,14 @@ class _RowStore:
         out[order] = self._mm[ids[order]]
         return out
 
+    def _out(self, out, n: int, dtype) -> np.ndarray:
+        if out is None:
+            return np.empty((n, self.num_labels), dtype)
+        if out.shape != (n, self.num_labels) or out.dtype != dtype:
+            raise ValueError(f"{self.path}: out must be {np.dtype(dtype).name} of shape {(n, self.num_labels)}, "
+                             f"got {out.dtype} {out.shape}")
+        return out
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {self.num_samples}, {self.num_labels})"
 
@@ -298,6 +306,18 @@ class PseudoLabelStore(_RowStore):
             np.clip(rows, 0.0, 1.0, out=rows)
         out = torch.from_numpy(rows)
         return out.to(ids.device) if torch.is_tensor(ids) else out
+
+    def gather_numpy(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 (B, L) pseudo labels of host ``ids``, written into ``out`` if given (e.g. the
+        numpy view of a pinned tensor, so the device copy needs no staging). No torch, no device:
+        safe in a background thread."""
+        ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
+        out = self._out(out, ids_np.size, np.float32)
+        out[...] = self._read_rows(ids_np)
+        out += self._offset
+        if self.init is not None:  # as gather: fp16 rounding of ŷ - init can step just outside [0, 1]
+            np.clip(out, 0.0, 1.0, out=out)
+        return out
 
     def scatter(self, ids: torch.Tensor, yhat: torch.Tensor, mask: torch.Tensor | None = None,
                 momentum: float = 0.0) -> None:
@@ -387,6 +407,13 @@ class RoleEstimates(_RowStore):
         ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
         out = torch.from_numpy(self._read_rows(ids_np))
         return out.to(ids.device) if torch.is_tensor(ids) else out
+
+    def gather_numpy(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 (B, L) logits of host ``ids`` (into ``out`` if given); no torch, no device."""
+        ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
+        out = self._out(out, ids_np.size, np.float32)
+        out[...] = self._read_rows(ids_np)
+        return out
 
     def scatter(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the rows ``ids`` with ``values`` (B, L) logits; repeated ids: last wins."""
@@ -510,3 +537,29 @@ def allgather_updates(ids: torch.Tensor, yhat: torch.Tensor, valid: torch.Tensor
         dist.all_gather(list(all_val.view(world, m, n_l)), pad_val, group=group)
     keep = torch.cat([torch.arange(r * m, r * m + c, device=device) for r, c in enumerate(counts)])
     return all_ids[keep], all_val[keep].to(out_dtype)
+
+
+def allgather_rows(ids: torch.Tensor, rows: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (B,) ids and (B, L) rows, concatenated in rank order, on every rank, with no
+    host synchronisation: all ranks send the same fixed B (the plan gives every rank equal
+    batches), so no sizes are exchanged first. Rows a rank did not train are marked by id -1;
+    the receiver drops them after copying to the host. Returns the local tensors unchanged
+    without an initialised process group. Traffic: world x B x (8 + L x itemsize) per call.
+    """
+    import torch.distributed as dist
+
+    if ids.ndim != 1 or rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
+        raise ValueError(f"allgather_rows: need ids (B,) and rows (B, L); got {tuple(ids.shape)}, {tuple(rows.shape)}")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return ids, rows
+    world = dist.get_world_size(group)
+    ids, rows = ids.to(torch.int64).contiguous(), rows.contiguous()
+    all_ids = torch.empty(world * ids.shape[0], dtype=torch.int64, device=ids.device)
+    all_rows = torch.empty((world * rows.shape[0], rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(all_ids, ids, group=group)
+        dist.all_gather_into_tensor(all_rows, rows, group=group)
+    else:  # gloo: list form (views into the flat outputs, no extra copy)
+        dist.all_gather(list(all_ids.view(world, -1)), ids, group=group)
+        dist.all_gather(list(all_rows.view(world, rows.shape[0], rows.shape[1])), rows, group=group)
+    return all_ids, all_rows

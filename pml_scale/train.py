@@ -1,14 +1,24 @@
 """The training engine: shards + loaders + loss + label stores joined into a DeepSpeed
 data-parallel run that can be killed at any moment and resumed without losing anything.
 
-Per step, on every rank:
-  1. the loader yields images and sample ids (its epoch plan gives every rank an equal slice);
-  2. observed states and stored pseudo labels are gathered by id (host memmaps -> device);
-  3. global batch counts (P positives, T label slots) are summed over ranks: one tiny all-reduce,
-     so α/β do not depend on the number of GPUs;
+Per step, on every rank, with the host never waiting for the GPU:
+  1. the loader yields images (on the device) and the batch's sample ids and validity on the
+     host; the next batch is fetched before this step is launched;
+  2. the next batch's observed states, stored pseudo labels and α/β counts (P, T) are gathered
+     on a background thread from host memmaps into pinned memory (``data.label_traffic``); the
+     counts are summed over ranks on a gloo group, so α/β do not depend on the number of GPUs;
+  3. this step's labels go to the device with non-blocking copies; invalid rows are dropped with
+     a host-built index (no boolean-mask indexing of device tensors);
   4. forward, loss (the fused Triton kernel on GPUs), DeepSpeed backward/step;
-  5. ŷ of this step goes to the pseudo-label store: all-gathered so every node-local store holds
-     every row (traffic B·L·2 bytes × world per step), or kept local with shard affinity.
+  5. ŷ goes back to pinned memory asynchronously (all-gathered first, fixed size, when every
+     node's store must hold every row) and the thread writes the pseudo-label store once it landed.
+Loss statistics are read (a sync) only every ``run.log_every`` steps. Ordering of store reads and
+writes across epochs, checkpoints and resumes: ``LabelTraffic.fence`` (see its module).
+
+Precision (``model.precision``, for ``model.dtype`` bf16/fp16): ``autocast`` (default) runs
+torch.autocast inside DeepSpeed's forward (its ``torch_autocast`` section) with fp32 master
+weights in channels_last; ``deepspeed`` runs DeepSpeed's bf16/fp16 mode (half-precision weights,
+NCHW because DeepSpeed broadcasts and flattens parameters as raw bytes).
 
 What grows with what: host memory-maps of N×L int8 (observed) and N×L fp16 (pseudo) per node;
 per-step traffic B·L per rank; checkpoint size = model + optimizer + N×L×2 bytes of pseudo labels.
@@ -29,14 +39,15 @@ from . import checkpoint
 from .atomic import atomic_write_json
 from .config import deepspeed_config, load_config, parse_cli, save_resolved
 from .data.format import labels_name, read_manifest
+from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
-from .distributed import all_reduce_sum, barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
+from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
-from .labels import MISSING, POS, ObservedLabels, class_prior, label_stats, parse_setting
-from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss
+from .labels import POS, ObservedLabels, class_prior, label_stats, parse_setting
+from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
-from .stores import PseudoLabelStore, RoleEstimates, allgather_updates
+from .stores import PseudoLabelStore, RoleEstimates
 from .tracking import Tracker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -159,6 +170,7 @@ def run(cfg) -> dict:
     np.random.seed(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic  # fixed input shapes: let cuDNN pick kernels
 
     manifest = ensure_dataset(cfg, dist_info)
     root = Path(cfg.data.root)
@@ -180,13 +192,18 @@ def run(cfg) -> dict:
                          f"{num_train} training samples: no full batch per epoch")
 
     # ---- loss and the stores it needs
-    loss_options = dict(cfg.loss.options)
-    batch_stats = loss_options.pop("batch_stats", "global")
+    loss_options_cfg = dict(cfg.loss.options)
+    batch_stats = loss_options_cfg.pop("batch_stats", "global")
     if batch_stats not in ("global", "local"):
         raise ValueError(f"loss.options.batch_stats must be 'global' or 'local', got {batch_stats!r}")
     if cfg.loss.name == "paper":
-        loss_options.setdefault("seed", cfg.run.seed)
-    loss_fn = build_loss(cfg.loss.name, **loss_options)
+        loss_options_cfg.setdefault("seed", cfg.run.seed)
+    loss_fn = build_loss(cfg.loss.name, **loss_options_cfg)
+    # the losses' input checks read device values (host syncs): run them on the first step and on
+    # logging steps (which sync anyway), unless loss.options.validate says otherwise
+    fast_loss_fn = loss_fn
+    if "validate" not in loss_options_cfg and "validate" in loss_options(cfg.loss.name):
+        fast_loss_fn = build_loss(cfg.loss.name, **loss_options_cfg, validate=False)
     store_dir = Path(cfg.pseudo.dir) if cfg.pseudo.dir else run_dir
     per_node = cfg.pseudo.sync == "affinity"
     if per_node and cfg.data.affinity != "shard":
@@ -216,23 +233,17 @@ def run(cfg) -> dict:
         stores["role"] = role_store
 
     # ---- model and engine
-    # Weights stay NCHW-contiguous: DeepSpeed's bf16 path broadcasts and flattens parameters as raw
-    # bytes, which channels_last weights break. channels_last inputs alone make cuDNN pick the
-    # channels_last kernels (model.channels_last applies to the inputs, see prepare_images).
+    # weights are built NCHW: DeepSpeed broadcasts parameters as raw bytes at initialisation, which
+    # channels_last weights break (finish_engine converts them afterwards where the recipe allows)
     model = build_model(cfg.model.name, num_labels, pretrained=cfg.model.pretrained, channels_last=False,
                         head_dropout=cfg.model.head_dropout)
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    ds_config = deepspeed_config(cfg, world_size=dist_info.world_size)
+    ds_config = engine_config(deepspeed_config(cfg, world_size=dist_info.world_size), cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
-    if cfg.model.compile:
-        engine.compile()
     in_dtype = DTYPES[cfg.model.dtype]
-    if in_dtype != torch.float32:  # DeepSpeed casts parameters only; BatchNorm statistics must follow
-        for buf in engine.module.buffers():
-            if buf.is_floating_point():
-                buf.data = buf.data.to(in_dtype)
+    finish_engine(engine, cfg)
 
     # ---- resume
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
@@ -242,44 +253,91 @@ def run(cfg) -> dict:
         if dist_info.is_main:
             print(f"[pml-scale] resumed from {ckpt_dir} at epoch {state['epoch']} batch {state['batch']}", flush=True)
 
+    # label gathers and store writes on a background thread; its collectives (α/β counts, fences)
+    # use their own gloo group, so they never interleave with the main thread's
+    label_group = None
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        label_group = dist.new_group(backend="gloo")
+    traffic = LabelTraffic(observed=observed, pseudo_store=pseudo_store, role_store=role_store,
+                           device=dist_info.device, counts_fn=batch_label_counts(loss_fn),
+                           global_counts=batch_stats == "global", group=label_group,
+                           world_size=dist_info.world_size, rank=dist_info.rank,
+                           writer=per_node or dist_info.is_local_main, per_node=per_node,
+                           momentum=cfg.pseudo.momentum, debug_dir=debug_dump_dir())
+
     tracker = Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard)
     ckpt_every = cfg.run.checkpoint_every_steps
+    # test hook: PML_SYNC_DEBUG=warn|error turns on torch's sync debug mode around every hot-loop
+    # iteration (not the first step, logging steps or checkpoints, which sync on purpose)
+    sync_debug = os.environ.get("PML_SYNC_DEBUG", "") if dist_info.device.type == "cuda" else ""
     summary = None
     try:
         for epoch in range(state["epoch"], cfg.run.epochs):
             start_batch = state["batch"] if epoch == state["epoch"] else 0
             train_loader.set_epoch(epoch, start_batch=start_batch)
+            # explicit ordering: every store write of the previous epoch (or the restored snapshot) is in
+            # every rank's store before this epoch's first gather reads it
+            traffic.fence(barrier=True)
             bar = tracker.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
             t_last, n_imgs = time.perf_counter(), 0
             shares = {"_sync": cfg.run.time_shares and dist_info.device.type == "cuda"}
+            clock = EpochClock(dist_info.device)
             t_prev = time.perf_counter()
-            for batch in train_loader:
+            batches = iter(train_loader)
+            batch = next(batches, None)
+            clock.first_batch()
+            pending = traffic.gather(batch, epoch) if batch is not None else None
+            epoch_images = 0
+            while batch is not None:
+                step_no = state["global_step"] + 1
+                log_now = step_no % cfg.run.log_every == 0 or batch.index + 1 == steps_per_epoch
+                check = state["global_step"] == 0 or log_now  # the loss checks its inputs (a sync) here only
+                hot = sync_debug and clock.steps >= 1 and not check
+                if hot:
+                    torch.cuda.set_sync_debug_mode(sync_debug)
+                # the next batch and its labels are on their way before this step is launched
+                nxt = next(batches, None)
+                nxt_pending = traffic.gather(nxt, epoch) if nxt is not None else None  # ids disjoint within an epoch
                 _share(shares, "loader", t_prev)
-                stats = train_step(engine, batch, loss_fn, observed=observed, pseudo_store=pseudo_store,
-                                   role_store=role_store, cfg=cfg, epoch=epoch, in_dtype=in_dtype,
-                                   batch_stats=batch_stats, k_expected=k_expected, per_node=per_node,
-                                   writer=per_node or dist_info.is_local_main, shares=shares,
-                                   debug_tag=f"{state['global_step'] + 1}-{dist_info.rank}")
-                state["global_step"] += 1
+                if clock.steps == 1:
+                    clock.steady_start(epoch_images)
+                stats = train_step(engine, batch, pending, loss_fn if check else fast_loss_fn, traffic=traffic,
+                                   cfg=cfg, epoch=epoch, in_dtype=in_dtype, k_expected=k_expected, shares=shares,
+                                   tag=f"{step_no}-{dist_info.rank}")
+                if hot:
+                    torch.cuda.set_sync_debug_mode(0)
+                clock.steps += 1
+                state["global_step"] = step_no
                 state["batch"] = batch.index + 1
-                n_imgs += int(batch.valid.sum()) * dist_info.world_size
+                valid_images = int(batch.valid_host.sum()) * dist_info.world_size
+                n_imgs += valid_images
+                epoch_images += valid_images
                 bar.update(1)
-                if state["global_step"] % cfg.run.log_every == 0 or state["batch"] == steps_per_epoch:
+                if log_now:  # the only place loss statistics are read back (a host sync)
+                    values = {k: float(v) for k, v in stats.items()}
                     now = time.perf_counter()
                     img_s = n_imgs / max(now - t_last, 1e-9)
                     t_last, n_imgs = now, 0
                     lr = scheduler.get_last_lr()[0]
                     own = {{"alpha": "a", "beta": "b", "p2_share": "p2"}.get(k, k): f"{v:.3g}"
-                           for k, v in stats.items() if k != "loss"}  # the statistics this loss returned, only
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", **own, img_s=f"{img_s:.0f}", refresh=False)
+                           for k, v in values.items() if k != "loss"}  # the statistics this loss returned, only
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", **own, img_s=f"{img_s:.0f}", refresh=False)
                     tracker.log("train", state["global_step"], epoch=epoch, lr=lr, img_s=img_s,
-                                skipped=train_loader.skipped, **stats)
+                                skipped=train_loader.skipped, **values)
                 if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < steps_per_epoch:
+                    traffic.fence(barrier=False)  # the snapshot must hold every ŷ up to this step
                     checkpoint.save(engine, ckpt_dir, f"step{state['global_step']}", dict(state),
                                     stores=stores, dist_info=dist_info, per_node=per_node,
                                     keep=cfg.run.keep_checkpoints)
+                batch, pending = nxt, nxt_pending
                 t_prev = time.perf_counter()
             bar.close()
+            traffic.fence(barrier=False)
+            timing = clock.end(epoch_images)
+            if timing:
+                tracker.log("epoch", state["global_step"], epoch=epoch, **timing)
             state["epoch"], state["batch"] = epoch + 1, 0
             parts = {k: v for k, v in shares.items() if not k.startswith("_")}
             total_time = sum(parts.values())
@@ -307,68 +365,88 @@ def run(cfg) -> dict:
         tracker.close()
         train_loader.close()
         eval_loader.close()
+        traffic.close()
     return summary
 
 
-def train_step(engine, batch, loss_fn, *, observed, pseudo_store, role_store, cfg, epoch, in_dtype, batch_stats,
-               k_expected, per_node, writer, shares, debug_tag: str = "") -> dict:
-    """One optimisation step; returns scalar stats for logging. Rows with valid=False (replacements of
+def batch_label_counts(loss_fn):
+    """The host function the label thread calls per batch: (states, pseudo, ids) of the valid rows
+    as host arrays and the epoch -> (P, T) of the loss's α/β reading (``alpha_beta_host_counts``),
+    or None when the loss needs none. Host-side and sync-free; summed over ranks afterwards when
+    loss.options.batch_stats is global."""
+    def counts(states: np.ndarray, pseudo: np.ndarray, ids: np.ndarray, epoch: int):
+        c = alpha_beta_host_counts(loss_fn, states, torch.from_numpy(pseudo), ids, epoch=epoch)
+        return None if c is None else (float(c[0]), float(c[1]))
+
+    return counts
+
+
+def engine_config(ds: dict, cfg) -> dict:
+    """The generated DeepSpeed config, adjusted for a loop that never waits on the device:
+
+    * DeepSpeed's throughput timer (on by default when DeepSpeed has no dataloader of its own)
+      calls ``synchronize()`` twice per step; it is switched off unless the config sets ``timers``;
+    * ``model.precision=autocast`` (bf16/fp16) replaces DeepSpeed's bf16/fp16 mode by its
+      ``torch_autocast`` section: fp32 master weights, autocast in the engine's forward;
+      ``deepspeed`` keeps DeepSpeed's own bf16/fp16 mode as generated.
+    """
+    ds = dict(ds)
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
+    if cfg.model.dtype != "fp32" and cfg.model.precision == "autocast":
+        ds["bf16"] = {"enabled": False}
+        ds["fp16"] = {"enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.model.dtype == "bf16" else "float16"}
+    return ds
+
+
+def finish_engine(engine, cfg) -> None:
+    """After ``deepspeed.initialize``: the recipe's memory format and buffer dtypes, then compile.
+    With fp32 master weights (autocast, or fp32) the weights go channels_last in place (same Parameter
+    objects, so the optimizer follows). DeepSpeed's bf16/fp16 mode keeps NCHW weights (it
+    flattens them) and needs the BatchNorm statistics cast like the parameters; channels_last
+    inputs still make cuDNN pick its channels_last kernels there."""
+    ds_half = DTYPES[cfg.model.dtype] != torch.float32 and cfg.model.precision == "deepspeed"
+    if cfg.model.channels_last and not ds_half:
+        engine.module.to(memory_format=torch.channels_last)
+    if ds_half:
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(DTYPES[cfg.model.dtype])
+    if cfg.model.compile:
+        engine.compile()
+
+
+def train_step(engine, batch, pending, loss_fn, *, traffic, cfg, epoch, in_dtype, k_expected, shares,
+               tag: str = "") -> dict:
+    """One optimisation step, launched without waiting for the device. ``pending`` is the batch's
+    queued label gather. Returns the step's statistics as they come (device tensors or floats):
+    the caller reads them only when it logs. Rows with valid=False (padding, replacements of
     corrupt samples) take no part in the loss, the batch statistics or the stores."""
     tick = time.perf_counter()
-    device = batch.images.device
-    ids_cpu = batch.ids.cpu().numpy()
-    valid_cpu = batch.valid.cpu().numpy()
-    states_cpu = observed.gather(ids_cpu)
-    states = torch.from_numpy(states_cpu).to(device, non_blocking=True)
-    pseudo_cpu = pseudo_store.gather(torch.from_numpy(ids_cpu))
-    pseudo = pseudo_cpu.to(device, non_blocking=True)
-    valid = batch.valid
-    # α/β counts on the host from the gathered labels: no device sync before the all-reduce
-    counts = alpha_beta_host_counts(loss_fn, states_cpu[valid_cpu], pseudo_cpu[valid_cpu], ids_cpu[valid_cpu],
-                                    epoch=epoch)
-    if counts is not None:
-        counts = counts.to(device)
-        if batch_stats == "global":
-            counts = all_reduce_sum(counts)
-        counts = (float(counts[0]), float(counts[1]))
-    estimates = None
-    if role_store is not None:
-        estimates = role_store.gather(batch.ids)[valid].detach().requires_grad_(True)
+    labels = traffic.to_device(pending.result())
+    estimates = labels.estimates.requires_grad_(True) if labels.estimates is not None else None
     tock = _share(shares, "labels", tick)
 
     logits = engine(prepare_images(batch.images, in_dtype, cfg.model.channels_last))
+    if labels.rows is not None:  # some rows invalid: a host-built index, no boolean mask on the device
+        logits = logits.index_select(0, labels.rows)
     tock = _share(shares, "forward", tock)
-    out = loss_fn(LossInputs(logits=logits[valid], states=states[valid], sample_ids=batch.ids[valid], epoch=epoch,
-                             total_epochs=cfg.run.epochs, pseudo=pseudo[valid], estimates=estimates,
-                             batch_counts=counts, expected_positives=k_expected))
+    out = loss_fn(LossInputs(logits=logits, states=labels.states, sample_ids=labels.ids, epoch=epoch,
+                             total_epochs=cfg.run.epochs, pseudo=labels.pseudo, estimates=estimates,
+                             batch_counts=labels.counts, expected_positives=k_expected))
     tock = _share(shares, "loss", tock)
     engine.backward(out.loss)
     engine.step()
     tock = _share(shares, "backward_step", tock)
 
-    # store updates: missing entries only; every rank writes every rank's rows unless shard affinity
-    yhat = torch.zeros(states.shape, dtype=torch.float32, device=device)
-    yhat[valid] = out.yhat.float()
-    if per_node:
-        upd_ids, upd_yhat = batch.ids[valid], yhat[valid]
-    else:
-        upd_ids, upd_yhat = allgather_updates(batch.ids, yhat, valid)
-    _debug_dump(debug_tag, batch.ids[valid], yhat[valid])
-    upd_states = torch.from_numpy(observed.gather(upd_ids.cpu().numpy())).to(upd_yhat.device)
-    pseudo_store.scatter(upd_ids, upd_yhat, mask=upd_states == MISSING, momentum=cfg.pseudo.momentum)
-    if role_store is not None and estimates.grad is not None:
+    role_rows = None
+    if estimates is not None and estimates.grad is not None:
         lr = engine.get_lr()[0] * cfg.optim.role_lr_multiplier
-        new_rows = torch.zeros(states.shape, dtype=torch.float32, device=device)
-        new_rows[valid] = (estimates - lr * estimates.grad).detach()
-        if per_node:
-            r_ids, r_rows = batch.ids[valid], new_rows[valid]
-        else:
-            r_ids, r_rows = allgather_updates(batch.ids, new_rows, valid)
-        if writer:
-            role_store.scatter(r_ids, r_rows)
+        role_rows = (estimates - lr * estimates.grad).detach()
+    traffic.scatter(batch, labels, out.yhat, role_rows, tag)  # written behind the next steps
     _share(shares, "stores", tock)
-    stats = {"loss": float(out.loss.detach())}
-    stats.update({k: float(v) for k, v in out.stats.items()})
+    stats = {"loss": out.loss.detach()}
+    stats.update(out.stats)
     return stats
 
 
@@ -383,28 +461,61 @@ def alpha_beta_host_counts(loss_fn, states: np.ndarray, pseudo: torch.Tensor, id
 
 
 def prepare_images(images: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """The model's input dtype (bf16 under DeepSpeed bf16) and memory format."""
+    """The model's input dtype and memory format (under autocast the convolutions cast anyway)."""
     images = images.to(dtype)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def _debug_dump(tag: str, ids: torch.Tensor, yhat: torch.Tensor) -> None:
-    """Test hook: with PML_DEBUG_DUMP_UPDATES=dir, each rank saves the (ids, ŷ) it computed per step,
-    so a test can check the pseudo-label store against what every rank really produced."""
-    folder = os.environ.get("PML_DEBUG_DUMP_UPDATES")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        np.savez(Path(folder) / f"step-{tag}.npz", ids=ids.cpu().numpy(), yhat=yhat.cpu().numpy())
-
-
 def _share(shares: dict, name: str, since: float) -> float:
-    """Add the time since ``since`` to part ``name`` of the step. GPU work is asynchronous, so with
-    ``run.time_shares`` on a GPU we synchronise at each boundary (off by default: it costs overlap)."""
+    """Add the host time since ``since`` to part ``name`` of the step. GPU work is asynchronous, so
+    these are host (launch and wait) times; with ``run.time_shares`` on a GPU we synchronise at
+    each boundary for device-time shares (off by default: it costs the overlap)."""
     if shares.get("_sync"):
         torch.cuda.synchronize()
     now = time.perf_counter()
     shares[name] = shares.get(name, 0.0) + (now - since)
     return now
+
+
+class EpochClock:
+    """Per-epoch throughput without per-step syncs: host time to the first batch, CUDA events (host
+    time on CPU) from the second step to the end of the epoch, read after one sync at its end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.t0 = time.perf_counter()
+        self.first_s = None
+        self.steps = 0
+        self._start = None
+        self._start_images = 0
+
+    def first_batch(self) -> None:
+        self.first_s = time.perf_counter() - self.t0
+
+    def _mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def steady_start(self, images_so_far: int) -> None:
+        self._start, self._start_images = self._mark(), images_so_far
+
+    def end(self, images: int) -> dict:
+        """{first_batch_s, epoch_img_s, steady_img_s, images} (one device sync), or {} if empty."""
+        if self.steps == 0:
+            return {}
+        stop = self._mark()
+        if self.cuda:
+            torch.cuda.synchronize()
+        total = time.perf_counter() - self.t0
+        out = {"first_batch_s": self.first_s, "epoch_img_s": images / max(total, 1e-9), "images": images,
+               "steps": self.steps}
+        if self._start is not None:
+            span = self._start.elapsed_time(stop) / 1000 if self.cuda else stop - self._start
+            out["steady_img_s"] = (images - self._start_images) / max(span, 1e-9)
+        return out
 
 
 def evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg, epoch, num_labels, tracker, run_dir,

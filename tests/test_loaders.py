@@ -333,3 +333,117 @@ def test_dali_spawned_workers(corrupt_data, monkeypatch):
     assert [b.index for b in bs] == [6, 7] and loader.skipped == 0
     assert torch.cat([b.ids for b in bs]).tolist() == list(range(48, 60)) + list(range(4))
     assert torch.cat([b.valid for b in bs]).tolist() == [True] * 12 + [False] * 4
+
+
+# ------------------------------------------------------------------ persistent DALI pipeline, batch source
+
+
+def halves_flipped(images: torch.Tensor, ids: torch.Tensor) -> list[bool]:
+    """From pixels: is each image mirrored? (left half is colour(id), right half its complement)"""
+    out = []
+    for x, sid in zip(images.float(), ids.tolist()):
+        left = x[:, :, : x.shape[2] // 2].mean((1, 2)).numpy()
+        c = (np.array(colour(sid)) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        cc = ((255 - np.array(colour(sid))) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        out.append(bool(np.abs(left - cc).sum() < np.abs(left - c).sum()))
+    return out
+
+
+@needs_dali
+def test_dali_pipeline_is_built_once_across_epochs_breaks_and_resume(data):
+    """One pipeline for the loader's life: full epochs, an epoch left after two batches, a resume at
+    start_batch; the order is the documented permutation and a resumed tail equals the same
+    batches of the uninterrupted epoch, pixels included (resize + per-id flips are exact)."""
+    loader = build_loader(cfg(data, backend="dali_cpu", batch_size=8, workers=2, hflip=0.5))
+    full = run_epoch(loader, epoch=1)
+    loader.set_epoch(2)
+    for b, _ in zip(loader, range(2)):  # left early: drained at the next iter()
+        pass
+    tail = run_epoch(loader, epoch=1, start_batch=3)
+    other = run_epoch(loader, epoch=2)
+    assert loader.pipeline_builds == 1
+    perm = np.random.default_rng([3, 1]).permutation(np.sort(data["ids"]))  # independent reference
+    assert torch.cat([b.ids for b in full]).tolist() == perm[:56].tolist()
+    assert [b.index for b in tail] == [3, 4, 5, 6]
+    for a, b in zip(tail, full[3:]):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+    assert torch.cat([b.ids for b in other]).tolist() == np.random.default_rng([3, 2]).permutation(N)[:56].tolist()
+    for b in full + other:
+        assert np.array_equal(b.ids_host, b.ids.numpy()) and np.array_equal(b.valid_host, b.valid.numpy())
+    loader.close()
+
+
+@needs_dali
+def test_flips_are_per_sample_id_and_match_across_backends_and_ranks(data):
+    """The flip of a sample depends on (seed, epoch, id) only: the same for dali_cpu and pil, for
+    one rank or two, and what the pixels show."""
+    kw = dict(train=True, augment="resize", hflip=0.5, batch_size=6, workers=1)
+    flips = {}
+    for backend in ("dali_cpu", "pil"):
+        bs = run_epoch(build_loader(cfg(data, backend=backend, **kw)), epoch=3)
+        ids = torch.cat([b.ids for b in bs])
+        flips[backend] = dict(zip(ids.tolist(), halves_flipped(torch.cat([b.images for b in bs]), ids)))
+    assert flips["dali_cpu"] == flips["pil"]
+    assert 0.25 < np.mean(list(flips["pil"].values())) < 0.75
+    two = [build_loader(cfg(data, backend="dali_cpu", **kw), rank=r, world_size=2) for r in (0, 1)]
+    for r in (0, 1):
+        bs = run_epoch(two[r], epoch=3)
+        ids = torch.cat([b.ids for b in bs])
+        got = dict(zip(ids.tolist(), halves_flipped(torch.cat([b.images for b in bs]), ids)))
+        assert all(flips["pil"][i] == f for i, f in got.items() if i in flips["pil"])
+
+
+@needs_dali
+def test_eval_loader_keeps_its_pipeline(data):
+    loader = build_loader(cfg(data, backend="dali_cpu", train=False, batch_size=8, workers=1))
+    first = run_epoch(loader)
+    second = run_epoch(loader)
+    assert loader.pipeline_builds == 1
+    assert [b.ids.tolist() for b in first] == [b.ids.tolist() for b in second]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, second))
+
+
+def _locations(root, ids):
+    return SampleIndex.load(root, "train").locate(np.asarray(ids).reshape(1, -1))
+
+
+def test_batch_reader_verdicts_match_the_sample_reader(tmp_path):
+    """Vectorised batch checks give the per-sample reader's verdict (an independent reference)
+    for each kind of damage, and replace bad samples by the next good one, marked invalid."""
+    good = jpeg(3)
+    no_sos = good[:good.index(b"\xff\xda")] + b"\xff\xd9"
+    corrupt = {5: good[: len(good) // 2], 7: no_sos, 11: b"\x00" * 300, 13: b"GIF89a" + b"\x00" * 50,
+               17: b"\xff\xd8\xff"}
+    ds = make_dataset(tmp_path / "d", corrupt=corrupt)
+    # id mismatch: overwrite the stored id bytes of sample 23 in place (same file size)
+    loc = _locations(ds["root"], [23])
+    path, at = loc.paths[int(loc.shard[0, 0])], int(loc.id_offset[0, 0])
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(fmt.encode_id(99))
+    ids = np.array([5, 6, 7, 11, 13, 17, 23, 29, 2, 31])
+    loc = _locations(ds["root"], ids)
+    # a short read: point sample 31 past the end of its shard
+    loc.offset[0, -1] += os.path.getsize(loc.paths[int(loc.shard[0, -1])])
+    loc.id_offset[0, -1] += os.path.getsize(loc.paths[int(loc.shard[0, -1])])
+    from pml_scale.data.batch_source import BatchReader
+
+    _, views, out_ids, out_valid, bad = BatchReader().read(loc, 0, np.ones(len(ids), bool), {})
+    reader = ShardReader()
+    expect = {}
+    for j, sid in enumerate(ids):
+        try:
+            assert bytes(views[j]) == reader.read(loc, (0, j))
+        except SampleError as e:
+            expect[int(sid)] = e.reason.split(":")[0].split(" (")[0]
+    got = {sid: reason.split(":")[0].split(" (")[0] for sid, _, _, reason in bad}
+    assert set(got) == set(expect) == {5, 7, 11, 13, 17, 23, 31}
+    for sid in got:
+        assert got[sid] == expect[sid] or (sid == 31 and got[sid].startswith("short read"))
+    good_ids = [6, 29, 2]
+    for j, sid in enumerate(ids):
+        if int(sid) in got:  # replaced by the next good sample of the batch, cyclically
+            nxt = next(int(ids[(j + k) % len(ids)]) for k in range(1, len(ids)) if int(ids[(j + k) % len(ids)]) in good_ids)
+            assert not out_valid[j] and out_ids[j] == nxt and bytes(views[j]) == jpeg(nxt)
+        else:
+            assert out_valid[j] and out_ids[j] == sid

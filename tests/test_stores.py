@@ -13,6 +13,7 @@ from pml_scale.stores import (
     ObservedLabelSource,
     PseudoLabelStore,
     RoleEstimates,
+    allgather_rows,
     allgather_updates,
 )
 
@@ -274,7 +275,110 @@ def test_pseudo_store_with_a_per_label_init(tmp_path):
     store.scatter(torch.tensor([2]), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
     back = store.gather(torch.tensor([2])).numpy()[0]
     assert ((back >= 0) & (back <= 1)).all() and np.allclose(back, [1, 0, 1, 0], atol=2 ** -10)
+    ids = np.array([2, 4, 1])  # the host gather of the label thread reads the same values
+    np.testing.assert_array_equal(store.gather_numpy(ids), store.gather(torch.from_numpy(ids)).numpy())
     with pytest.raises(ValueError, match="initial pseudo labels differ"):
         PseudoLabelStore(path, 5, 4, create=True, init=init[::-1].copy())
     with pytest.raises(ValueError, match="init must be 4 values"):
         PseudoLabelStore(tmp_path / "q.f16", 5, 4, init=np.array([0.1, 1.2, 0.3, 0.3]))
+
+
+# ----------------------------------------------------------------------------- host gathers, fixed-size all-gather
+
+
+def test_gather_numpy_matches_gather_and_fills_out(tmp_path):
+    store = PseudoLabelStore(tmp_path / "p.f16", N, L)
+    store.scatter(torch.tensor([3, 8]), torch.rand(2, L, generator=torch.Generator().manual_seed(1)))
+    ids = np.array([8, 0, 3, 8])
+    out = np.empty((4, L), np.float32)
+    got = store.gather_numpy(ids, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, store.gather(torch.from_numpy(ids)).numpy())
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        store.gather_numpy(ids, out=np.empty((3, L), np.float32))
+    role = RoleEstimates(tmp_path / "r.f32", N, L, seed=0)
+    np.testing.assert_array_equal(role.gather_numpy(ids), role.gather(torch.from_numpy(ids)).numpy())
+
+
+def _rows_worker(rank, world, port, folder):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ids = torch.tensor([[1, -1, 9], [4, 7, -1]][rank])
+        rows = torch.arange(3 * L, dtype=torch.float16).view(3, L) + 100 * rank
+        all_ids, all_rows = allgather_rows(ids, rows)
+        np.savez(os.path.join(folder, f"r{rank}.npz"), ids=all_ids.numpy(), rows=all_rows.float().numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_allgather_rows_fixed_size_in_rank_order(tmp_path):
+    torch.multiprocessing.spawn(_rows_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    expect_ids = [1, -1, 9, 4, 7, -1]
+    expect_rows = np.concatenate([np.arange(3 * L).reshape(3, L) + 100 * r for r in (0, 1)])
+    for r in (0, 1):
+        got = np.load(tmp_path / f"r{r}.npz")
+        assert got["ids"].tolist() == expect_ids
+        np.testing.assert_array_equal(got["rows"], expect_rows)
+    ids, rows = allgather_rows(torch.tensor([2, 5]), torch.zeros(2, L))  # no process group: unchanged
+    assert ids.tolist() == [2, 5] and rows.shape == (2, L)
+
+
+# ----------------------------------------------------------------------------- label traffic
+
+
+class _Batch:
+    def __init__(self, ids, valid):
+        self.ids_host, self.valid_host = np.asarray(ids, np.int64), np.asarray(valid, bool)
+
+
+def _traffic(tmp_path, observed, **kw):
+    from pml_scale.data.label_traffic import LabelTraffic
+
+    store = PseudoLabelStore(tmp_path / "p.f16", N, L)
+    args = dict(observed=ObservedLabelSource(observed), pseudo_store=store, role_store=None, device="cpu",
+                counts_fn=lambda s, p, i, e: (float((s == 1).sum()), float(s.size)), global_counts=True,
+                group=None, world_size=1, rank=0, writer=True, per_node=False, momentum=0.0)
+    args.update(kw)
+    return LabelTraffic(**args), store
+
+
+def test_label_traffic_gathers_valid_rows_and_writes_behind_in_order(tmp_path):
+    """The thread's FIFO order is the submission order: a gather queued after a scatter sees it; a
+    gather queued before it (the next batch of the same epoch, other ids) does not need to."""
+    observed = _observed()
+    traffic, store = _traffic(tmp_path, observed)
+    batch = _Batch([4, 9, 4, 17], [True, True, False, True])
+    host = traffic.gather(batch, epoch=0).result()
+    assert host.ids_host.tolist() == [4, 9, 17] and host.rows.tolist() == [0, 1, 3]
+    np.testing.assert_array_equal(host.states.numpy(), observed[[4, 9, 17]])
+    np.testing.assert_array_equal(host.pseudo.numpy(), np.full((3, L), 0.5, np.float32))
+    assert host.counts == (float((observed[[4, 9, 17]] == 1).sum()), 3.0 * L)
+    dev = traffic.to_device(host)
+    yhat = torch.rand(3, L, generator=torch.Generator().manual_seed(2))
+    traffic.scatter(batch, dev, yhat, None)
+    again = traffic.gather(batch, epoch=1)  # queued after the scatter: sees it
+    traffic.fence()
+    missing = observed[[4, 9, 17]] == -1
+    expect = np.where(missing, yhat.numpy(), 0.5)
+    np.testing.assert_allclose(again.result().pseudo.numpy(), expect, atol=FP16_TOL)
+    np.testing.assert_allclose(store.gather_numpy(np.array([4, 9, 17])), expect, atol=FP16_TOL)
+    assert (store.gather_numpy(np.array([0, 1, 2])) == 0.5).all()  # nothing else written
+    traffic.close()
+
+
+def test_label_traffic_non_writer_and_task_errors(tmp_path):
+    traffic, store = _traffic(tmp_path, _observed(), writer=False)
+    batch = _Batch([1, 2], [True, True])
+    dev = traffic.to_device(traffic.gather(batch, 0).result())
+    traffic.scatter(batch, dev, torch.full((2, L), 0.9), None)
+    traffic.fence()
+    assert (store.gather_numpy(np.array([1, 2])) == 0.5).all()  # only the node's writer rank writes
+    bad = _Batch([N + 5], [True])  # an id beyond the store: the thread fails, the main thread hears it
+    traffic.gather(bad, 0)
+    with pytest.raises(IndexError, match="out of range"):
+        traffic.fence()
+    traffic.close()

@@ -10,9 +10,8 @@ image size int64, id offset int64, plus ids int64: 36 bytes/sample, ~200 MB at 5
 parses every ``.idx`` line once (vectorised per shard with numpy). In affinity mode a rank loads
 only its own shards. File handles are opened lazily, once per process (fork-safe), per shard.
 
-``SampleSource`` (DALI's per-sample callback, with in-batch replacement of bad samples) lives
-here because this module imports no torch: DALI's spawned workers then start in a fraction of
-the time.
+Whole-batch reads for DALI (one buffer per batch, vectorised checks) are in ``batch_source``;
+this module and that one import no torch.
 """
 
 from __future__ import annotations
@@ -268,36 +267,3 @@ def read_checked(reader: ShardReader, loc: Locations, pos, known_bad: dict) -> b
         shard, key = loc.where(pos)
         raise SampleError(shard, key, known_bad[sid])
     return reader.read(loc, pos)
-
-
-class SampleSource:
-    """Per-sample callback of DALI's parallel external source (picklable; runs in DALI workers,
-    and lives here, torch-free, so that spawned workers start without importing torch).
-
-    Returns (jpeg uint8, id int64, valid bool, bad id int64 or -1); a bad sample is replaced by
-    the next readable sample of its batch, valid=False, and its id goes out as ``bad``.
-    """
-
-    def __init__(self, loc: Locations, valid: np.ndarray, known_bad: dict):
-        self.loc, self.valid, self.known_bad = loc, valid, dict(known_bad)
-        self.reader = ShardReader()
-
-    def __call__(self, info):
-        nb, B = self.valid.shape
-        b, j = divmod(info.idx_in_epoch, B)
-        if b >= nb:
-            raise StopIteration
-        try:
-            data = read_checked(self.reader, self.loc, (b, j), self.known_bad)
-            return (np.frombuffer(data, np.uint8), np.array(self.loc.ids[b, j]),
-                    np.array(bool(self.valid[b, j])), np.array(-1, np.int64))
-        except SampleError:
-            bad = np.array(self.loc.ids[b, j])
-        for k in range(1, B):
-            jj = (j + k) % B
-            try:
-                data = read_checked(self.reader, self.loc, (b, jj), self.known_bad)
-            except SampleError:
-                continue
-            return np.frombuffer(data, np.uint8), np.array(self.loc.ids[b, jj]), np.array(False), bad
-        return np.frombuffer(fallback_jpeg(), np.uint8), bad.copy(), np.array(False), bad

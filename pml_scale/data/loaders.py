@@ -1,34 +1,47 @@
 """Input pipelines: DALI on GPU, DALI on CPU, or PIL + torch DataLoader, all fed by our plan.
 
 Every backend reads the same thing in the same order: ``plan.make_plan`` decides the ids of
-each batch of each rank, ``index.SampleIndex`` says where they are, workers ``os.pread`` the
-bytes. Backends differ only in decoding and augmentation:
+each batch of each rank, ``index.SampleIndex`` says where they are, and the bytes are read by
+``os.preadv`` at those offsets. Backends differ only in decoding and augmentation:
 
-* ``dali``      external source (parallel python workers) -> GPU ("mixed") decode -> resize to
-                ``image_size`` square (or random-resized-crop, ``augment="rrc"``) ->
-                crop_mirror_normalize (coin-flip mirror, ImageNet mean/std, NCHW) on the GPU.
+* ``dali``      a batch-mode external source in this process (``batch_source.PlanSource``:
+                whole-batch reads on a few threads, vectorised checks) -> GPU ("mixed") decode
+                -> resize to ``image_size`` square (or random-resized-crop, ``augment="rrc"``)
+                -> crop_mirror_normalize (ImageNet mean/std, NCHW) on the GPU.
 * ``dali_cpu``  the same graph with ``device_id=None`` and CPU decode.
 * ``pil``       a DataLoader whose items are whole batches (one worker per batch): PIL decode,
                 torchvision resize/crop/flip to uint8; normalisation and the dtype cast happen on
                 the target device, so workers ship 1 byte per pixel instead of 4.
 * ``auto``      dali if CUDA and DALI import, else dali_cpu if DALI imports, else pil.
 
-Evaluation (``train=False``) uses no randomness: plain resize, no flip. Augmentation is
-deterministic per (seed, epoch, rank, start_batch) for DALI (pipeline seed) and per
-(seed, epoch, sample id) for PIL (a torch Generator per sample), so a resumed DALI epoch keeps
-the exact order but draws fresh augmentations; a resumed PIL epoch reproduces them exactly.
+One DALI pipeline per loader, built at its first epoch and kept for the run: a new epoch (or a
+resume at ``start_batch``) repositions the source and calls ``pipe.reset()``; nothing is
+rebuilt and no process is started, so the first batch of an epoch costs one batch of reading
+and decoding. The train and eval loaders each keep their own pipeline. An epoch left early
+(``break``) is drained (at most the DALI prefetch depth of batches) at the next ``iter``.
 
-Bad samples (corrupt JPEG, short read, id mismatch): workers check the bytes before decoding
-(``index.check_image_bytes``), and replace a bad sample by the next good sample of the same
-batch (cyclically) marked ``valid=False``, so the batch shape never changes; the main process
+Batches carry the sample ids and validity on the host too (``ids_host``, ``valid_host``): the
+trainer uses those and never copies them back from the device.
+
+Evaluation (``train=False``) uses no randomness: plain resize, no flip. Flips are drawn per
+(seed, epoch, sample id) on every backend, so a resumed epoch flips exactly as an uninterrupted
+one; DALI's random-resized-crop draws from the pipeline's RNG (seeded per (seed, rank)), so a
+resumed DALI epoch keeps the exact order and flips but draws fresh crops. PIL crops are per
+(seed, epoch, sample id) too.
+
+Bad samples (corrupt JPEG, short read, id mismatch): the source checks the bytes before
+decoding and replaces a bad sample by the next good sample of the same batch (cyclically)
+marked ``valid=False``, so the batch shape never changes; when the batch is yielded the loader
 warns once per sample with shard+key+reason, counts every occurrence in ``skipped`` and lists
 (shard, key, reason) in ``errors``; ``on_error="fail"`` raises ``SampleError`` instead. DALI
 fails a whole batch on an image it cannot decode that passed the checks: the loader then
-decodes that batch's images with PIL, marks the culprits bad and restarts the pipeline at that
-batch; if PIL finds nothing wrong the DALI error is raised with the batch's shards and keys.
+decodes that batch's images with PIL, marks the culprits bad and rebuilds the pipeline at that
+batch (the only rebuild); if PIL finds nothing wrong the DALI error is raised with the batch's
+shards and keys.
 
-Costs: a DALI pipeline (and its python workers) is built per epoch (~1 s with spawn), the PIL
-DataLoader's workers per epoch too. Host memory per rank: the index (36 B/sample) + the plan.
+Costs: host memory per rank: the index (36 B/sample) + the plan + a few batch buffers of
+compressed bytes. The PIL DataLoader forks its workers per epoch (cheap with fork; the DALI
+backends are the fast path).
 """
 
 from __future__ import annotations
@@ -41,7 +54,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .index import Locations, SampleError, SampleIndex, SampleSource, ShardReader, read_checked
+from .batch_source import PlanSource, flip_draws
+from .index import Locations, SampleError, SampleIndex, ShardReader, read_checked
 from .plan import AFFINITIES, batches_per_epoch, make_plan
 
 BACKENDS = ("auto", "dali", "dali_cpu", "pil")
@@ -70,6 +84,7 @@ class LoaderConfig:
     on_error: str = "skip"  # or "fail"
     affinity: str = "none"  # or "shard"
     seed: int = 0
+    hw_decoder_load: float | None = None  # dali: share of JPEGs for the hardware decoder (None: DALI's default)
 
     def __post_init__(self):
         choices = {"backend": BACKENDS, "augment": AUGMENTS, "dtype": tuple(DTYPES), "on_error": ON_ERROR,
@@ -83,14 +98,18 @@ class LoaderConfig:
                 raise ValueError(f"LoaderConfig.{name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 <= float(self.hflip) <= 1.0:
             raise ValueError(f"LoaderConfig.hflip must be a probability in [0, 1], got {self.hflip!r}")
+        if self.hw_decoder_load is not None and not 0.0 <= float(self.hw_decoder_load) <= 1.0:
+            raise ValueError(f"LoaderConfig.hw_decoder_load must be in [0, 1] or None, got {self.hw_decoder_load!r}")
 
 
 @dataclass
 class Batch:
     images: torch.Tensor  # (B, 3, H, W) on the device, normalised, cfg.dtype
-    ids: torch.Tensor  # (B,) int64 sample ids
-    valid: torch.Tensor  # (B,) bool; False: padding repeat or a replaced bad sample
+    ids: torch.Tensor  # (B,) int64 sample ids, on the device (copied without a sync)
+    valid: torch.Tensor  # (B,) bool on the device; False: padding repeat or a replaced bad sample
     index: int  # batch number within the epoch
+    ids_host: np.ndarray  # (B,) int64, the same ids on the host: use these, never ids.cpu()
+    valid_host: np.ndarray  # (B,) bool, the same validity on the host
 
 
 def dali_importable() -> bool:
@@ -119,38 +138,57 @@ def _seed(*key: int, bits: int = 63) -> int:
 
 # ---------------------------------------------------------------- DALI
 
+PREFETCH_DEPTH = 2  # DALI batches in flight; also what an abandoned epoch drains
 
-def _dali_pipeline(cfg: LoaderConfig, source: SampleSource, *, gpu: bool, device_id, seed: int):
+
+def source_threads(workers: int) -> int:
+    """Reader threads of the DALI source: reads are memcpy/IO bound, a few threads suffice."""
+    return min(max(int(workers), 0), 4)
+
+
+def _dali_pipeline(cfg: LoaderConfig, source: PlanSource, *, gpu: bool, device_id, seed: int):
+    """The loader's one pipeline. The source runs in this process (no python workers), so
+    nothing is spawned or re-imported, and the pipeline outlives epochs."""
     from nvidia.dali import fn, pipeline_def, types
 
     S = cfg.image_size
     out_type = types.FLOAT if DTYPES[cfg.dtype] == torch.float32 else types.FLOAT16
-    workers = max(1, cfg.workers)
-    # fork after CUDA init is unsafe; spawn costs ~1-3 s per epoch (worker start-up)
-    start = "spawn" if gpu or torch.cuda.is_initialized() else "fork"
 
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=workers, device_id=device_id, seed=seed,
-                  py_num_workers=workers, py_start_method=start, prefetch_queue_depth=2)
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id, seed=seed,
+                  prefetch_queue_depth=PREFETCH_DEPTH, exec_dynamic=True)
     def graph():
-        jpeg, ids, valid, bad = fn.external_source(
-            source=source, num_outputs=4, batch=False, parallel=True, prefetch_queue_depth=2,
-            dtype=[types.UINT8, types.INT64, types.BOOL, types.INT64])
+        dtypes = [types.UINT8, types.INT64] + ([types.INT32] if source.flips else [])
+        # no_copy: DALI reads the source's buffers in place; each stays untouched until its batch's
+        # output is out (the source recycles it only then), which is what no_copy asks for
+        outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                                  parallel=False, dtype=dtypes, no_copy=True)
+        jpeg, ids = outs[0], outs[1]
         dev = "mixed" if gpu else "cpu"
+        hw = {"hw_decoder_load": float(cfg.hw_decoder_load)} if gpu and cfg.hw_decoder_load is not None else {}
         if cfg.train and cfg.augment == "rrc":
             img = fn.decoders.image_random_crop(jpeg, device=dev, output_type=types.RGB,
                                                 random_area=list(RRC_SCALE), random_aspect_ratio=list(RRC_RATIO),
-                                                num_attempts=10)
+                                                num_attempts=10, **hw)
         else:
-            img = fn.decoders.image(jpeg, device=dev, output_type=types.RGB)
+            img = fn.decoders.image(jpeg, device=dev, output_type=types.RGB, **hw)
         img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
-        mirror = fn.random.coin_flip(probability=float(cfg.hflip)) if cfg.train and cfg.hflip > 0 else 0
+        mirror = outs[2] if source.flips else 0
         img = fn.crop_mirror_normalize(img, dtype=out_type, output_layout="CHW", mirror=mirror,
                                        mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
-        return img, ids, valid, bad
+        return img, ids
 
     pipe = graph()
     pipe.build()
     return pipe
+
+
+def _dali_to_torch(out, device: torch.device) -> torch.Tensor:
+    """Zero-copy view of a dense DALI output (the dynamic executor keeps the buffer alive)."""
+    tensor = out.as_tensor()
+    if device.type == "cuda":
+        with device:
+            return torch.from_dlpack(tensor)
+    return torch.from_dlpack(tensor)
 
 
 # ---------------------------------------------------------------- PIL
@@ -204,8 +242,8 @@ class _PilBatches(torch.utils.data.Dataset):
             else:
                 im = F.resize(im, [S, S], antialias=True)
             x = F.pil_to_tensor(im)
-            if cfg.hflip > 0 and torch.rand(1, generator=g).item() < cfg.hflip:
-                x = x.flip(-1)
+            if cfg.hflip > 0 and flip_draws(cfg.seed, self.epoch, np.array([sid]), cfg.hflip)[0]:
+                x = x.flip(-1)  # the same per-id draw as the DALI backends
             return x
         return F.pil_to_tensor(F.resize(im, [S, S], antialias=True))
 
@@ -240,7 +278,11 @@ class _PilBatches(torch.utils.data.Dataset):
 
 
 class EpochLoader:
-    """Iterates one rank's batches of one epoch; ``len(loader)`` is equal on every rank."""
+    """Iterates one rank's batches of one epoch; ``len(loader)`` is equal on every rank.
+
+    ``set_epoch(e, start_batch)`` then ``iter(loader)``; the DALI pipeline (if any) is built at
+    the first iteration and kept until ``close()``.
+    """
 
     def __init__(self, cfg: LoaderConfig, backend: str, index: SampleIndex, *, rank: int, world_size: int,
                  local_rank: int, device: torch.device):
@@ -251,11 +293,14 @@ class EpochLoader:
                                                    world_size=world_size, train=cfg.train, affinity=cfg.affinity)
         self.skipped = 0
         self.errors: list[tuple[str, str, str]] = []
+        self.pipeline_builds = 0  # DALI pipelines built so far: 1 for a whole run unless a decode failure
         self._reported: set[int] = set()
         self._known_bad: dict[int, str] = {}
         self._shard_ids = index.shard_ids()
         self._main_reader = ShardReader()
-        self._active = None
+        self._pipe = None
+        self._source: PlanSource | None = None
+        self._epoch_gen = None
         self.epoch, self.start_batch = 0, 0
         dtype = DTYPES[cfg.dtype]
         shape = (1, 3, 1, 1)
@@ -280,13 +325,19 @@ class EpochLoader:
                          affinity=self.cfg.affinity, start_batch=self.start_batch)
 
     def __iter__(self) -> Iterator[Batch]:
+        self._end_epoch()  # an epoch left early is drained first (DALI must reach its end to reset)
         plan = self.plan()
         if len(plan) == 0:
             return iter(())
         loc = self.index.locate(plan.ids)
-        if self.backend == "pil":
-            return self._iter_pil(plan, loc)
-        return self._iter_dali(plan, loc)
+        gen = self._iter_pil(plan, loc) if self.backend == "pil" else self._iter_dali(plan, loc)
+        self._epoch_gen = gen
+        return gen
+
+    def _end_epoch(self) -> None:
+        gen, self._epoch_gen = self._epoch_gen, None
+        if gen is not None:
+            gen.close()
 
     # -- shared
 
@@ -299,14 +350,21 @@ class EpochLoader:
             self.errors.append((shard, key, reason))
             warnings.warn(f"skipping bad sample: shard {shard}, key {key}: {reason}", RuntimeWarning, stacklevel=3)
 
-    def _finish(self, images: torch.Tensor, ids, valid, index: int) -> Batch:
+    def _host_to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)  # pinned: truly asynchronous
+        return t.to(self.device)
+
+    def _finish(self, images: torch.Tensor, ids: np.ndarray, valid: np.ndarray, index: int) -> Batch:
         x = images.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = ((x.float() - self._mean) * self._inv_std).to(self._dtype)
         elif x.dtype != self._dtype:
             x = x.to(self._dtype)
-        return Batch(x, ids.to(self.device, torch.int64, non_blocking=True),
-                     valid.to(self.device, torch.bool, non_blocking=True), index)
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        valid = np.asarray(valid, bool).reshape(-1)
+        return Batch(x, self._host_to_device(ids), self._host_to_device(valid), index, ids, valid)
 
     # -- pil
 
@@ -318,61 +376,93 @@ class EpochLoader:
         for b, item in enumerate(dl):
             for sid, shard, key, reason in item["errors"]:
                 self._report(int(sid), shard, key, reason)
-            yield self._finish(item["images"], item["ids"], item["valid"], plan.start_batch + b)
+            yield self._finish(item["images"], item["ids"].numpy(), item["valid"].numpy(), plan.start_batch + b)
 
     # -- dali
 
+    def _pipeline(self):
+        """The loader's pipeline, built once (again only after a decode failure dropped it)."""
+        if self._pipe is None:
+            gpu = self.backend == "dali"
+            self._pipe = _dali_pipeline(self.cfg, self._source, gpu=gpu, device_id=self.local_rank if gpu else None,
+                                        seed=_seed(self.cfg.seed, self.rank, bits=31))
+            self.pipeline_builds += 1
+        return self._pipe
+
+    def _drop_pipeline(self) -> None:
+        """Forget the pipeline (its destructor stops its threads), then the inputs it was fed."""
+        self._pipe = None
+        if self._source is not None:
+            self._source.cancel()
+
     def _iter_dali(self, plan, loc) -> Iterator[Batch]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        gpu = self.backend == "dali"
-        b = 0
+        if self._source is None:
+            threads = source_threads(self.cfg.workers)
+            self._source = PlanSource(threads=threads, read_ahead=max(2, threads + 1), seed=self.cfg.seed,
+                                      hflip=self.cfg.hflip, train=self.cfg.train)
+        src = self._source
+        src.start(loc, plan.valid, epoch=self.epoch, start_batch=plan.start_batch, known_bad=self._known_bad)
+        pipe = self._pipeline()
+        done = False
         last_failed = -1
-        while b < len(plan):
-            sub = Locations(loc.paths, loc.ids[b:], loc.shard[b:], loc.offset[b:], loc.size[b:], loc.id_offset[b:])
-            source = SampleSource(sub, plan.valid[b:], self._known_bad)
-            seed = _seed(self.cfg.seed, self.epoch, self.rank, plan.start_batch + b, bits=31)
-            failure = None
-            pipe = _dali_pipeline(self.cfg, source, gpu=gpu, device_id=self.local_rank if gpu else None, seed=seed)
-            self._active = pipe
-            try:
+        try:
+            pipe.schedule_run()  # a fresh epoch: DALI calls the source for its first batches now
+            while True:
                 try:
-                    it = DALIGenericIterator([pipe], ["images", "ids", "valid", "bad"], auto_reset=False)
-                except Exception as e:  # the iterator runs the first batches while it is built
-                    failure, it = e, iter(())
-                while failure is None:
-                    try:
-                        d = next(it)[0]
-                    except StopIteration:
-                        break
-                    except Exception as e:  # a DALI error: typically an image it cannot decode
-                        failure = e
-                        break
-                    for j in np.nonzero(d["bad"].cpu().numpy().reshape(-1) >= 0)[0]:
-                        self._report_dali(loc, plan.ids, b, int(j), int(d["bad"].view(-1)[j]))
-                    yield self._finish(d["images"], d["ids"].view(-1), d["valid"].view(-1), plan.start_batch + b)
-                    b += 1
-            finally:  # drop the iterator and pipeline now: their workers exit before any restart
-                self._active = it = pipe = None
-            if failure is None:
-                return
-            if b == last_failed or not self._find_undecodable(loc, b, min(len(plan), b + 3)):
-                names = sorted({loc.where((b, j))[0] for j in range(plan.ids.shape[1])})
-                raise RuntimeError(f"DALI failed on batch {plan.start_batch + b} of epoch {self.epoch} (shards "
-                                   f"{names}) and PIL finds no new undecodable image there: {failure}") from failure
-            last_failed = b  # restart the pipeline at this batch with the culprits marked bad
+                    outs = pipe.share_outputs()
+                except StopIteration:
+                    done = True
+                    break
+                except Exception as e:  # a DALI error: typically an image it cannot decode
+                    row = (src.fed[0].position if src.fed else plan.start_batch) - plan.start_batch
+                    pipe = None  # the last reference goes first: the pipeline stops before its inputs are freed
+                    self._drop_pipeline()
+                    if row == last_failed or not self._find_undecodable(loc, row, min(len(plan), row + 3)):
+                        names = sorted({loc.where((row, j))[0] for j in range(plan.ids.shape[1])})
+                        raise RuntimeError(f"DALI failed on batch {plan.start_batch + row} of epoch {self.epoch} "
+                                           f"(shards {names}) and PIL finds no new undecodable image there: "
+                                           f"{e}") from e
+                    last_failed = row  # rebuild at this batch with the culprits marked bad
+                    src.start(loc, plan.valid, epoch=self.epoch, start_batch=plan.start_batch, first_row=row,
+                              known_bad=self._known_bad)
+                    pipe = self._pipeline()
+                    pipe.schedule_run()
+                    continue
+                fed = src.fed.popleft()
+                images = _dali_to_torch(outs[0], self.device)
+                got = np.asarray(outs[1].as_tensor()).reshape(-1)
+                if not np.array_equal(got, fed.ids):
+                    raise RuntimeError(f"DALI returned ids {got[:4].tolist()}... for batch {fed.position}, the source "
+                                       f"fed {fed.ids[:4].tolist()}...: the feed is out of step")
+                pipe.release_outputs()
+                src.release(fed)
+                pipe.schedule_run()  # feeds the batch PREFETCH_DEPTH ahead
+                for sid, shard, key, reason in fed.bad:
+                    self._report(sid, shard, key, reason)
+                yield self._finish(images, fed.ids, fed.valid, fed.position)
+        finally:
+            if pipe is not None:
+                if done:
+                    pipe.reset()
+                else:
+                    self._drain(pipe)
 
-    def _report_dali(self, loc: Locations, ids: np.ndarray, b: int, j: int, bad: int) -> None:
-        pos = (b, j) if int(ids[b, j]) == bad else tuple(np.argwhere(ids == bad)[0])
-        shard, key = loc.where(pos)
-        reason = self._known_bad.get(bad)
-        if reason is None:
-            try:
-                self._main_reader.read(loc, pos)
-                reason = "unreadable in a loader worker"
-            except SampleError as e:
-                reason = e.reason
-        self._report(bad, shard, key, reason)
+    def _drain(self, pipe) -> None:
+        """Finish an epoch left early: stop the source, consume what is in flight, reset."""
+        src = self._source
+        src.stop()
+        try:
+            while True:
+                try:
+                    pipe.share_outputs()
+                except StopIteration:
+                    break
+                pipe.release_outputs()
+                pipe.schedule_run()
+            pipe.reset()
+            src.cancel()
+        except Exception:  # a failing in-flight batch: the pipeline cannot be reused; its fed inputs
+            self._pipe = None  # are freed at the next start(), once the pipeline is gone
 
     def _find_undecodable(self, loc: Locations, b0: int, b1: int) -> bool:
         """After a DALI failure: decode batches [b0, b1) with PIL; remember what fails."""
@@ -389,15 +479,22 @@ class EpochLoader:
                     with Image.open(io.BytesIO(data)) as im:
                         im.convert("RGB")
                 except SampleError:
-                    continue  # the workers already replace it
+                    continue  # the source already replaces it
                 except Exception as e:
                     self._known_bad[sid] = f"decode failed ({type(e).__name__}: {e})"
                     found = True
         return found
 
     def close(self) -> None:
-        self._active = None
-        self._main_reader.close()
+        """End the epoch in progress, drop the pipeline and the source's threads and files."""
+        try:
+            self._end_epoch()
+        finally:
+            self._pipe = None
+            if self._source is not None:
+                self._source.close()
+                self._source = None
+            self._main_reader.close()
 
 
 def build_loader(cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
