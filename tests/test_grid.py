@@ -145,7 +145,8 @@ SHIPPED = {  # hand-counted from the paper's tables
     "table6_spl": 3 * (2 + 4),                    # BCE/BCE-LS on FAL + AN, WAN, ROLE, Ours on SPL
     "table7_ablation": 2 * 2 * 5,                 # COCO, NUS x PAL_0.6, PPL_0.6 x Ours + 4 ablations
     "openimages": 5,
-    "demo": 3 * (6 * 8 + 1 + 4 * 2),              # seeds x (6 methods x 8 settings + BCE FAL + ablation)
+    "demo": 3 * (7 * 8 + 1 + 4 * 2),              # seeds x (7 methods x 8 settings + BCE FAL + ablation)
+    "final": 3 * (5 * 3 + 2),                     # seeds x (5 methods x 3 partial settings + BCE, ours on FAL)
 }
 
 

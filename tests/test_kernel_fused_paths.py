@@ -408,7 +408,10 @@ def test_gpu_paths_match_reference(monkeypatch, B, L, cfg, dtype):
     loss, grad, yhat, p = run_kernel(logits, states, pseudo, ids)
     r_loss, r_grad, r_p, _ = ref_loss(logits.cpu(), states.cpu(), pseudo.cpu(), ids.cpu(), **KW)
     tol = 1e-5 if dtype == torch.float32 else 1.6e-3
-    assert rel_err(loss.cpu(), r_loss) <= tol and rel_err(grad.cpu(), r_grad) <= tol
+    # a bf16 gradient is the fp32 value rounded once: half an ulp is up to 2^-8 of |g| (g just above
+    # a power of two), so max|err| / max|g| can reach 2^-8 with a correct kernel (H100: 2.9e-3 seen)
+    grad_tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8 * 1.05
+    assert rel_err(loss.cpu(), r_loss) <= tol and rel_err(grad.cpu(), r_grad) <= grad_tol
     assert (p.cpu().double() != r_p).sum() <= 1  # σ(max s) at the 0.1 threshold may round either way
     assert_yhat(yhat.cpu(), logits.cpu())
 

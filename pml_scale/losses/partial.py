@@ -16,8 +16,9 @@ scalars through ``batch_counts``).
 
 α/β readings of Eq. (8), β = max(P/T, γ), α = 1 − β (``alpha_beta=``; the paper does not say
 which labels P and T count, and the choice decides whether the method works, see README):
+  observed  (default, chosen by the readings grid) P = observed positives, T = observed
+            entries; β clamped to [γ, 1 − γ];
   slots     P = observed positives, T = all B·L label slots of the batch (β floored at γ);
-  observed  P = observed positives, T = observed entries; β clamped to [γ, 1 − γ];
   seen      P = observed positives + Σ_S ỹ, T = observed + picked entries (what the loss sees,
             pseudo labels counted by their value); β clamped to [γ, 1 − γ];
   none      α = β = 1.
@@ -243,7 +244,7 @@ class PaperOptions:
     p_threshold: float = 0.1
     d_schedule: str = "centered"
     p_rule: str = "text"
-    alpha_beta: str = "slots"
+    alpha_beta: str = "observed"
     pseudo_weights: str = "alpha_beta"
     use_alpha_beta: bool = True
     use_d: bool = True
@@ -278,7 +279,7 @@ class PaperOptions:
 
 
 def check_paper_options(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text",
-                        backend="torch", alpha_beta="slots") -> None:
+                        backend="torch", alpha_beta="observed") -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     PaperOptions(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,

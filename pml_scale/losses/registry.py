@@ -86,7 +86,7 @@ def _simple(fn, **fixed) -> Callable[..., LossFn]:
     return builder
 
 
-def _build_paper(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text", alpha_beta="slots",
+def _build_paper(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text", alpha_beta="observed",
                  pseudo_weights="alpha_beta", seed=0, backend="auto", use_alpha_beta=True, use_d=True, use_p=True,
                  use_q=True, validate=True) -> LossFn:
     opts = PaperOptions(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
