@@ -3,7 +3,8 @@
 #   1. benchmarks/loss_kernel.py --quick: eager vs torch.compile vs the fused kernel, fwd+bwd,
 #      host time per call, % of copy bandwidth, peak memory; the targets judged at the end
 #      (loss_kernel.md, loss_kernel.json, loss_kernel.log);
-#   2. the compiled-kernel tests (pytest -m gpu) against the float64 reference (kernel_tests.log).
+#   2. the compiled-kernel tests (pytest -m gpu) against the float64 reference (kernel_tests.log);
+#   3. where the host time of one call goes: cProfile of forward and of fwd+bwd (host_profile.txt).
 #
 #   benchmarks/gpu_kernel_check.sh OUT        # PYTHON=... picks another interpreter (default python3)
 set -uo pipefail
@@ -19,4 +20,7 @@ tail -n 40 "$OUT/loss_kernel.log"
 TRITON_INTERPRET=0 timeout -k 10 "${T_TEST:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_kernel_fused_paths.py tests/test_kernel_partial_label.py > "$OUT/kernel_tests.log" 2>&1 || status=1
 tail -n 5 "$OUT/kernel_tests.log"
+{ timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 2000 --top 20
+  timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 1000 --top 20 --step; } > "$OUT/host_profile.txt" 2>&1 || status=1
+grep "µs host per call" "$OUT/host_profile.txt"
 exit $status
