@@ -83,8 +83,8 @@ STATES_2x4 = [[1, 0, -1, -1], [-1, 0, 0, -1]]
 PSEUDO_2x4 = [[0.3, 0.6, 0.5, 0.2], [0.5, 0.9, 0.9, 0.3]]
 
 
-def hand_2x4(d, p0, p1, alpha=7 / 8, beta=1 / 8):
-    # default: reading "slots", P = 1 positive, T = 8 slots, 1/8 > γ
+def hand_2x4(d, p0, p1, alpha=3 / 4, beta=1 / 4):
+    # default: reading "observed", P = 1 positive, T = 4 observed entries, 1/4 in [γ, 1 − γ]
     A0 = 0.5 * ln(0.75) + d / 2 * (0.5 * ln(0.5) + 0.2 * ln(0.9))
     B0 = 0.5 * ln(0.75) + d / 2 * (0.5 * ln(0.5) + 0.8 * ln(0.1))
     A1 = d / 2 * (0.5 * ln(0.05) + 0.3 * ln(0.05))
@@ -99,7 +99,7 @@ def test_paper_loss_2x4_by_hand(d_schedule, d, p_rule, p0, p1):
     args = (t64(LOGITS_2x4), s8(STATES_2x4), t64(PSEUDO_2x4), torch.tensor([4, 9]))
     loss, stats, yhat = partial_label_loss_with_stats(*args, **kw)
     assert loss.item() == pytest.approx(hand_2x4(d, p0, p1), rel=1e-12)
-    assert stats == pytest.approx({"alpha": 7 / 8, "beta": 1 / 8, "d": d, "p2_share": 0.5, "picked_share": 1.0})
+    assert stats == pytest.approx({"alpha": 3 / 4, "beta": 1 / 4, "d": d, "p2_share": 0.5, "picked_share": 1.0})
     assert torch.allclose(yhat, t64([[0.75, 0.25, 0.5, 0.9], [0.05, 0.05, 0.01, 0.05]]))
     # fp32 / bf16 logits compute in fp32
     loss32 = partial_label_loss(t64(LOGITS_2x4).float(), *args[1:], **kw)
@@ -170,7 +170,7 @@ def test_alpha_beta_counts_seen_uses_the_loss_picks():
 def test_paper_balanced_pseudo_weights_2x4():
     """ours+ pseudo_weights="balanced": observed terms keep α/β, picked terms weigh (α+β)/2 each."""
     args = (t64(LOGITS_2x4), s8(STATES_2x4), t64(PSEUDO_2x4), torch.tensor([4, 9]))
-    d, a, b = math.exp(-1 / 3), 7 / 8, 1 / 8
+    d, a, b = math.exp(-1 / 3), 3 / 4, 1 / 4  # the default reading 'observed'
     m = (a + b) / 2
     obs0 = a * 0.5 * ln(0.75) + b * 0.5 * ln(0.75)
     pick0 = m * d / 2 * ((0.5 * ln(0.5) + 0.2 * ln(0.9)) + (0.5 * ln(0.5) + 0.8 * ln(0.1)))
@@ -210,7 +210,8 @@ EDGE_PSEUDO = [[0.2, 0.4, 0.6], [0.5, 0.5, 0.5], [0.1, 0.5, 0.7]]
 
 @pytest.mark.parametrize("q", [0.0, 1.0])
 def test_paper_edge_rows_q0_q1(q):
-    alpha, beta, d = 7 / 9, 2 / 9, math.exp((0 + 3 - 4) / 4)
+    # default reading 'observed': P = 2 observed positives, T = 4 observed entries → β = α = 1/2
+    alpha, beta, d = 1 / 2, 1 / 2, math.exp((0 + 3 - 4) / 4)
     A1, B1 = ln(0.5) / 3, (ln(0.25) + ln(0.75)) / 3
     A2, B2 = ln(0.05), 0.0
     A0 = B0 = 0.0
@@ -259,8 +260,9 @@ def random_batch(B, L, seed, dtype=D64):
 def test_paper_q_half_matches_loop_reference():
     logits, states, pseudo, ids = random_batch(6, 9, seed=1)
     picks = pick_mask(ids, 9, seed=3, epoch=2, q=0.5)
-    P = int((states == 1).sum())
-    alpha, beta = 1 - max(P / 54, 0.05), max(P / 54, 0.05)
+    P, T = int((states == 1).sum()), int((states >= 0).sum())  # the default reading 'observed'
+    beta = min(max(P / T, 0.05), 0.95)
+    alpha = 1 - beta
     d = math.exp((2 + 3 - 10) / 10)
     want = loop_reference(logits.tolist(), states.tolist(), pseudo.tolist(), picks.tolist(), alpha, beta, d, 0.1)
     got = partial_label_loss(logits, states, pseudo, ids, epoch=2, total_epochs=10, seed=3, q=0.5)
