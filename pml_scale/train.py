@@ -30,7 +30,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,18 +151,129 @@ def make_optimizer(cfg, params):
 
 
 # ----------------------------------------------------------------------------------------- run
+# ``run`` is a row of phases, each with one job and a face that names what it reads and what it
+# hands on: start_run, build_data, build_loss_and_stores, build_engine, restore,
+# build_label_traffic, then per epoch train_epoch and end_epoch, and finish. Their order is part
+# of the behaviour, not only of the layout: every rank must issue the same collectives (barriers,
+# broadcasts, the gloo group) in the same order, and the seeded RNG draws (model init after
+# start_run's seeds) fix the run's numbers.
 def run(cfg) -> dict:
     """Train and evaluate one configuration; returns the summary written to summary.json."""
     t_start = time.time()
+    dist_info, run_dir = start_run(cfg)
+    data = build_data(cfg, dist_info)
+    losses = build_loss_and_stores(cfg, dist_info, run_dir, data)
+    engine, scheduler = build_engine(cfg, dist_info, data)
+    state = restore(cfg, dist_info, run_dir, engine, losses)
+    traffic = build_label_traffic(cfg, dist_info, data, losses)
+    t = Trainer(cfg=cfg, dist_info=dist_info, run_dir=run_dir, data=data, losses=losses, engine=engine,
+                scheduler=scheduler, traffic=traffic, state=state, t_start=t_start,
+                tracker=Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard),
+                sync_debug=sync_debug_mode(dist_info))
+    summary = None
+    try:
+        for epoch in range(state["epoch"], cfg.run.epochs):
+            train_epoch(t, epoch)
+            end_epoch(t, epoch)
+        summary = finish(t)
+    finally:
+        t.close()
+    return summary
+
+
+@dataclass
+class RunData:
+    """What build_data hands on: the label arrays (host memmaps), the observed labels and the two
+    loaders, already checked against each other."""
+    manifest: dict
+    num_labels: int
+    full_train: np.ndarray
+    test_labels: np.ndarray
+    observed: ObservedLabels
+    train_loader: Any
+    eval_loader: Any
+    steps_per_epoch: int
+
+    @property
+    def num_train(self) -> int:
+        return self.observed.num_samples
+
+
+@dataclass
+class LossAndStores:
+    """What build_loss_and_stores hands on: the loss, its check-free twin for the hot loop, and the
+    host stores it reads and writes (saved and restored with every checkpoint)."""
+    loss_fn: Any
+    fast_loss_fn: Any
+    batch_stats: str  # "global": α/β counts summed over ranks; "local": this rank's
+    k_expected: float  # EPR/ROLE's k and the class prior's scale
+    stores: dict  # "pseudo" (and "role" for ROLE)
+    per_node: bool  # pseudo.sync=affinity: each node's store holds only its own shards' rows
+    resuming: bool  # decided once for all ranks, before a fresh run wipes the store folder
+
+    @property
+    def pseudo_store(self) -> PseudoLabelStore:
+        return self.stores["pseudo"]
+
+    @property
+    def role_store(self) -> RoleEstimates | None:
+        return self.stores.get("role")
+
+
+@dataclass
+class Trainer:
+    """What the epoch loop, evaluation and the summary share, built by the phases before them.
+    ``state`` is the resumable part (saved in every checkpoint); the rest is rebuilt at start."""
+    cfg: Any
+    dist_info: Any
+    run_dir: Path
+    data: RunData
+    losses: LossAndStores
+    engine: Any
+    scheduler: Any
+    traffic: LabelTraffic
+    state: dict
+    t_start: float
+    tracker: Tracker
+    sync_debug: str
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return checkpoint_dir(self.run_dir)
+
+    @property
+    def in_dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.model.dtype]
+
+    def save_checkpoint(self, tag: str) -> None:
+        """One place for the step and epoch checkpoints: engine, resumable state and the stores."""
+        checkpoint.save(self.engine, self.ckpt_dir, tag, dict(self.state), stores=self.losses.stores,
+                        dist_info=self.dist_info, per_node=self.losses.per_node, keep=self.cfg.run.keep_checkpoints)
+
+    def close(self) -> None:
+        """Stop the tracker, the loaders' workers and the label thread (also on errors)."""
+        self.tracker.close()
+        self.data.train_loader.close()
+        self.data.eval_loader.close()
+        self.traffic.close()
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def start_run(cfg):
+    """Distributed setup, the run folder with its resolved config, then the seeds: the first phase,
+    so that every later one may talk to other ranks and draws its random numbers after seeding.
+    Returns (dist_info, run_dir)."""
     if not cfg.data.root:
         raise ValueError("data.root is not set: point it at a dataset folder made by `pml-shard convert` "
                          "(or set data.build_demo=true to build the embedded demo dataset there)")
     dist_info = setup_distributed()
     disable_deepspeed_cpu_shm_op()
-    import deepspeed
+    import deepspeed  # noqa: F401  (imported once the shm op is disabled; build_engine uses it)
 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    ckpt_dir = run_dir / "checkpoints"
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir / "config.yaml")
@@ -171,7 +284,12 @@ def run(cfg) -> dict:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic  # fixed input shapes: let cuDNN pick kernels
+    return dist_info, run_dir
 
+
+def build_data(cfg, dist_info) -> RunData:
+    """The dataset (built first if asked), its label arrays, the observed labels of the setting and
+    the train/eval loaders; fails early when they disagree or no full batch fits an epoch."""
     manifest = ensure_dataset(cfg, dist_info)
     root = Path(cfg.data.root)
     num_labels = int(manifest["num_classes"])
@@ -190,8 +308,31 @@ def run(cfg) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} × {dist_info.world_size} ranks exceeds the "
                          f"{num_train} training samples: no full batch per epoch")
+    return RunData(manifest=manifest, num_labels=num_labels, full_train=full_train, test_labels=test_labels,
+                   observed=observed, train_loader=train_loader, eval_loader=eval_loader,
+                   steps_per_epoch=steps_per_epoch)
 
-    # ---- loss and the stores it needs
+
+def build_loss_and_stores(cfg, dist_info, run_dir: Path, data: RunData) -> LossAndStores:
+    """The loss and the stores it needs. Whether this run resumes is decided here, because a fresh
+    run must wipe what an earlier one left in the store folder before the stores are made."""
+    loss_fn, fast_loss_fn, batch_stats = build_loss_fns(cfg)
+    store_dir = Path(cfg.pseudo.dir) if cfg.pseudo.dir else run_dir
+    per_node = cfg.pseudo.sync == "affinity"
+    if per_node and cfg.data.affinity != "shard":
+        raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
+    k_expected = expected_positives(data.full_train)  # EPR/ROLE's k and the class prior's scale
+    resuming = broadcast_object(cfg.run.resume and (checkpoint_dir(run_dir) / checkpoint.LATEST).exists())
+    stores = open_stores(cfg, dist_info, store_dir, data, resuming=resuming, k_expected=k_expected)
+    return LossAndStores(loss_fn=loss_fn, fast_loss_fn=fast_loss_fn, batch_stats=batch_stats, k_expected=k_expected,
+                         stores=stores, per_node=per_node, resuming=resuming)
+
+
+def build_loss_fns(cfg):
+    """(loss_fn, fast_loss_fn, batch_stats): the configured loss and, where the loss checks its
+    inputs, a twin without the checks: they read device values (host syncs), so the checking one
+    runs on the first step and on logging steps (which sync anyway) only, unless
+    loss.options.validate says otherwise."""
     loss_options_cfg = dict(cfg.loss.options)
     batch_stats = loss_options_cfg.pop("batch_stats", "global")
     if batch_stats not in ("global", "local"):
@@ -199,17 +340,16 @@ def run(cfg) -> dict:
     if cfg.loss.name == "paper":
         loss_options_cfg.setdefault("seed", cfg.run.seed)
     loss_fn = build_loss(cfg.loss.name, **loss_options_cfg)
-    # the losses' input checks read device values (host syncs): run them on the first step and on
-    # logging steps (which sync anyway), unless loss.options.validate says otherwise
     fast_loss_fn = loss_fn
     if "validate" not in loss_options_cfg and "validate" in loss_options(cfg.loss.name):
         fast_loss_fn = build_loss(cfg.loss.name, **loss_options_cfg, validate=False)
-    store_dir = Path(cfg.pseudo.dir) if cfg.pseudo.dir else run_dir
-    per_node = cfg.pseudo.sync == "affinity"
-    if per_node and cfg.data.affinity != "shard":
-        raise ValueError("pseudo.sync=affinity needs data.affinity=shard (each shard always trained on one node)")
-    k_expected = expected_positives(full_train)  # EPR/ROLE's k and the class prior's scale
-    resuming = broadcast_object(cfg.run.resume and (ckpt_dir / checkpoint.LATEST).exists())
+    return loss_fn, fast_loss_fn, batch_stats
+
+
+def open_stores(cfg, dist_info, store_dir: Path, data: RunData, *, resuming: bool, k_expected: float) -> dict:
+    """The pseudo-label store (and ROLE's estimates): created by one process per node, then opened
+    by every rank after a barrier."""
+    num_train, num_labels = data.num_train, data.num_labels
     stores = {}
     if dist_info.is_local_main:
         store_dir.mkdir(parents=True, exist_ok=True)
@@ -219,153 +359,202 @@ def run(cfg) -> dict:
                     leftover.unlink(missing_ok=True)
         init = None
         if cfg.pseudo.init == "prior":
-            init = class_prior(label_stats(observed), k_expected)
+            init = class_prior(label_stats(data.observed), k_expected)
         PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True, init=init)
     barrier()
-    pseudo_store = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
-    stores["pseudo"] = pseudo_store
-    role_store = None
+    stores["pseudo"] = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
     if cfg.loss.name == "role":
         if dist_info.is_local_main:
-            RoleEstimates(store_dir / "role.f32", num_train, num_labels, init_observed=observed, seed=cfg.run.seed)
+            RoleEstimates(store_dir / "role.f32", num_train, num_labels, init_observed=data.observed,
+                          seed=cfg.run.seed)
         barrier()
-        role_store = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
-        stores["role"] = role_store
+        stores["role"] = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
+    return stores
 
-    # ---- model and engine
+
+def build_engine(cfg, dist_info, data: RunData):
+    """Model, optimizer and LR schedule wrapped by DeepSpeed, then the precision recipe's memory
+    format and dtypes. Returns (engine, scheduler)."""
+    import deepspeed
+
     # weights are built NCHW: DeepSpeed broadcasts parameters as raw bytes at initialisation, which
     # channels_last weights break (finish_engine converts them afterwards where the recipe allows)
-    model = build_model(cfg.model.name, num_labels, pretrained=cfg.model.pretrained, channels_last=False,
+    model = build_model(cfg.model.name, data.num_labels, pretrained=cfg.model.pretrained, channels_last=False,
                         head_dropout=cfg.model.head_dropout)
     optimizer = make_optimizer(cfg, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, data.steps_per_epoch))
     ds_config = engine_config(deepspeed_config(cfg, world_size=dist_info.world_size), cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
-    in_dtype = DTYPES[cfg.model.dtype]
     finish_engine(engine, cfg)
+    return engine, scheduler
 
-    # ---- resume
+
+def restore(cfg, dist_info, run_dir: Path, engine, losses: LossAndStores) -> dict:
+    """The resumable state: fresh, or the latest checkpoint's (engine and stores loaded in place),
+    so that a killed run goes on at the batch after its last checkpoint."""
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
-    if resuming:
-        client = checkpoint.load(engine, ckpt_dir, stores=stores, dist_info=dist_info, per_node=per_node)
+    if losses.resuming:
+        ckpt_dir = checkpoint_dir(run_dir)
+        client = checkpoint.load(engine, ckpt_dir, stores=losses.stores, dist_info=dist_info, per_node=losses.per_node)
         state.update({k: client[k] for k in state if k in client})
         if dist_info.is_main:
             print(f"[pml-scale] resumed from {ckpt_dir} at epoch {state['epoch']} batch {state['batch']}", flush=True)
+    return state
 
-    # label gathers and store writes on a background thread; its collectives (α/β counts, fences)
-    # use their own gloo group, so they never interleave with the main thread's
+
+def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) -> LabelTraffic:
+    """Label gathers and store writes on a background thread. Made after restore, so its first
+    gather reads the restored stores; its collectives (α/β counts, fences) use their own gloo group,
+    so they never interleave with the main thread's."""
     label_group = None
     if dist_info.world_size > 1:
         import torch.distributed as dist
 
         label_group = dist.new_group(backend="gloo")
-    traffic = LabelTraffic(observed=observed, pseudo_store=pseudo_store, role_store=role_store,
-                           device=dist_info.device, counts_fn=batch_label_counts(loss_fn),
-                           global_counts=batch_stats == "global", group=label_group,
-                           world_size=dist_info.world_size, rank=dist_info.rank,
-                           writer=per_node or dist_info.is_local_main, per_node=per_node,
-                           momentum=cfg.pseudo.momentum, debug_dir=debug_dump_dir())
+    per_node = losses.per_node
+    return LabelTraffic(observed=data.observed, pseudo_store=losses.pseudo_store, role_store=losses.role_store,
+                        device=dist_info.device, counts_fn=batch_label_counts(losses.loss_fn),
+                        global_counts=losses.batch_stats == "global", group=label_group,
+                        world_size=dist_info.world_size, rank=dist_info.rank,
+                        writer=per_node or dist_info.is_local_main, per_node=per_node,
+                        momentum=cfg.pseudo.momentum, debug_dir=debug_dump_dir())
 
-    tracker = Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard)
+
+def sync_debug_mode(dist_info) -> str:
+    """Test hook: PML_SYNC_DEBUG=warn|error turns on torch's sync debug mode around every hot-loop
+    iteration (not the first step, logging steps or checkpoints, which sync on purpose); CUDA only."""
+    return os.environ.get("PML_SYNC_DEBUG", "") if dist_info.device.type == "cuda" else ""
+
+
+@dataclass
+class EpochMeters:
+    """Per-epoch bookkeeping the steps of one epoch share: the progress bar, the host time shares,
+    the throughput clock and image counters (``n_imgs``/``t_last`` since the last log line)."""
+    bar: Any
+    shares: dict
+    clock: EpochClock
+    t_last: float
+    t_prev: float
+    n_imgs: int = 0
+    epoch_images: int = 0
+
+
+def train_epoch(t: Trainer, epoch: int) -> None:
+    """One epoch of steps (from the restored batch when resuming mid-epoch), then its timing records.
+    The next batch and its labels are always requested before the current step is launched."""
+    cfg, state = t.cfg, t.state
+    start_batch = state["batch"] if epoch == state["epoch"] else 0
+    t.data.train_loader.set_epoch(epoch, start_batch=start_batch)
+    # explicit ordering: every store write of the previous epoch (or the restored snapshot) is in
+    # every rank's store before this epoch's first gather reads it
+    t.traffic.fence(barrier=True)
+    bar = t.tracker.progress(t.data.steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
+    t_last = time.perf_counter()
+    shares = {"_sync": cfg.run.time_shares and t.dist_info.device.type == "cuda"}
+    clock = EpochClock(t.dist_info.device)
+    m = EpochMeters(bar=bar, shares=shares, clock=clock, t_last=t_last, t_prev=time.perf_counter())
+    batches = iter(t.data.train_loader)
+    batch = next(batches, None)
+    clock.first_batch()
+    pending = t.traffic.gather(batch, epoch) if batch is not None else None
+    while batch is not None:
+        batch, pending = epoch_step(t, m, epoch, batch, pending, batches)
+    bar.close()
+    t.traffic.fence(barrier=False)
+    record_epoch(t, m, epoch)
+
+
+def epoch_step(t: Trainer, m: EpochMeters, epoch: int, batch, pending, batches):
+    """The loop's side of one step: queue the next batch and its labels, run ``train_step``, count,
+    log on logging steps, checkpoint on the step cadence. Returns the next (batch, pending)."""
+    cfg, state = t.cfg, t.state
+    step_no = state["global_step"] + 1
+    log_now = step_no % cfg.run.log_every == 0 or batch.index + 1 == t.data.steps_per_epoch
+    check = state["global_step"] == 0 or log_now  # the loss checks its inputs (a sync) here only
+    hot = t.sync_debug and m.clock.steps >= 1 and not check
+    if hot:
+        torch.cuda.set_sync_debug_mode(t.sync_debug)
+    # the next batch and its labels are on their way before this step is launched
+    nxt = next(batches, None)
+    nxt_pending = t.traffic.gather(nxt, epoch) if nxt is not None else None  # ids disjoint within an epoch
+    _share(m.shares, "loader", m.t_prev)
+    if m.clock.steps == 1:
+        m.clock.steady_start(m.epoch_images)
+    losses = t.losses
+    stats = train_step(t.engine, batch, pending, losses.loss_fn if check else losses.fast_loss_fn,
+                       traffic=t.traffic, cfg=cfg, epoch=epoch, in_dtype=t.in_dtype, k_expected=losses.k_expected,
+                       shares=m.shares, tag=f"{step_no}-{t.dist_info.rank}")
+    if hot:
+        torch.cuda.set_sync_debug_mode(0)
+    m.clock.steps += 1
+    state["global_step"] = step_no
+    state["batch"] = batch.index + 1
+    valid_images = int(batch.valid_host.sum()) * t.dist_info.world_size
+    m.n_imgs += valid_images
+    m.epoch_images += valid_images
+    m.bar.update(1)
+    if log_now:
+        log_step(t, m, epoch, stats)
     ckpt_every = cfg.run.checkpoint_every_steps
-    # test hook: PML_SYNC_DEBUG=warn|error turns on torch's sync debug mode around every hot-loop
-    # iteration (not the first step, logging steps or checkpoints, which sync on purpose)
-    sync_debug = os.environ.get("PML_SYNC_DEBUG", "") if dist_info.device.type == "cuda" else ""
-    summary = None
-    try:
-        for epoch in range(state["epoch"], cfg.run.epochs):
-            start_batch = state["batch"] if epoch == state["epoch"] else 0
-            train_loader.set_epoch(epoch, start_batch=start_batch)
-            # explicit ordering: every store write of the previous epoch (or the restored snapshot) is in
-            # every rank's store before this epoch's first gather reads it
-            traffic.fence(barrier=True)
-            bar = tracker.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
-            t_last, n_imgs = time.perf_counter(), 0
-            shares = {"_sync": cfg.run.time_shares and dist_info.device.type == "cuda"}
-            clock = EpochClock(dist_info.device)
-            t_prev = time.perf_counter()
-            batches = iter(train_loader)
-            batch = next(batches, None)
-            clock.first_batch()
-            pending = traffic.gather(batch, epoch) if batch is not None else None
-            epoch_images = 0
-            while batch is not None:
-                step_no = state["global_step"] + 1
-                log_now = step_no % cfg.run.log_every == 0 or batch.index + 1 == steps_per_epoch
-                check = state["global_step"] == 0 or log_now  # the loss checks its inputs (a sync) here only
-                hot = sync_debug and clock.steps >= 1 and not check
-                if hot:
-                    torch.cuda.set_sync_debug_mode(sync_debug)
-                # the next batch and its labels are on their way before this step is launched
-                nxt = next(batches, None)
-                nxt_pending = traffic.gather(nxt, epoch) if nxt is not None else None  # ids disjoint within an epoch
-                _share(shares, "loader", t_prev)
-                if clock.steps == 1:
-                    clock.steady_start(epoch_images)
-                stats = train_step(engine, batch, pending, loss_fn if check else fast_loss_fn, traffic=traffic,
-                                   cfg=cfg, epoch=epoch, in_dtype=in_dtype, k_expected=k_expected, shares=shares,
-                                   tag=f"{step_no}-{dist_info.rank}")
-                if hot:
-                    torch.cuda.set_sync_debug_mode(0)
-                clock.steps += 1
-                state["global_step"] = step_no
-                state["batch"] = batch.index + 1
-                valid_images = int(batch.valid_host.sum()) * dist_info.world_size
-                n_imgs += valid_images
-                epoch_images += valid_images
-                bar.update(1)
-                if log_now:  # the only place loss statistics are read back (a host sync)
-                    values = {k: float(v) for k, v in stats.items()}
-                    now = time.perf_counter()
-                    img_s = n_imgs / max(now - t_last, 1e-9)
-                    t_last, n_imgs = now, 0
-                    lr = scheduler.get_last_lr()[0]
-                    own = {{"alpha": "a", "beta": "b", "p2_share": "p2"}.get(k, k): f"{v:.3g}"
-                           for k, v in values.items() if k != "loss"}  # the statistics this loss returned, only
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", **own, img_s=f"{img_s:.0f}", refresh=False)
-                    tracker.log("train", state["global_step"], epoch=epoch, lr=lr, img_s=img_s,
-                                skipped=train_loader.skipped, **values)
-                if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < steps_per_epoch:
-                    traffic.fence(barrier=False)  # the snapshot must hold every ŷ up to this step
-                    checkpoint.save(engine, ckpt_dir, f"step{state['global_step']}", dict(state),
-                                    stores=stores, dist_info=dist_info, per_node=per_node,
-                                    keep=cfg.run.keep_checkpoints)
-                batch, pending = nxt, nxt_pending
-                t_prev = time.perf_counter()
-            bar.close()
-            traffic.fence(barrier=False)
-            timing = clock.end(epoch_images)
-            if timing:
-                tracker.log("epoch", state["global_step"], epoch=epoch, **timing)
-            state["epoch"], state["batch"] = epoch + 1, 0
-            parts = {k: v for k, v in shares.items() if not k.startswith("_")}
-            total_time = sum(parts.values())
-            if total_time > 0:
-                tracker.log("time_share", state["global_step"], epoch=epoch,
-                            **{k: v / total_time for k, v in parts.items()})
+    if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < t.data.steps_per_epoch:
+        t.traffic.fence(barrier=False)  # the snapshot must hold every ŷ up to this step
+        t.save_checkpoint(f"step{state['global_step']}")
+    m.t_prev = time.perf_counter()
+    return nxt, nxt_pending
 
-            if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
-                state["last_map"] = evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg,
-                                                   epoch, num_labels, tracker, run_dir, dist_info, state)
-            checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1}", dict(state), stores=stores,
-                            dist_info=dist_info, per_node=per_node, keep=cfg.run.keep_checkpoints)
 
-        summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
-                   "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
-                   "dataset": Path(cfg.data.root).name,
-                   "world_size": dist_info.world_size, "skipped_samples": train_loader.skipped,
-                   "wall_s": time.time() - t_start}
-        if dist_info.is_main:
-            atomic_write_json(run_dir / "summary.json", summary)
-            print(f"[pml-scale] {cfg.run.name}: final mAP {100 * (summary['final_map'] or 0):.2f}  "
-                  f"best {100 * summary['best_map']:.2f} (epoch {summary['best_epoch']})  "
-                  f"{summary['wall_s']:.0f} s", flush=True)
-    finally:
-        tracker.close()
-        train_loader.close()
-        eval_loader.close()
-        traffic.close()
+def log_step(t: Trainer, m: EpochMeters, epoch: int, stats: dict) -> None:
+    """The only place loss statistics are read back (a host sync): progress bar and metrics.jsonl."""
+    values = {k: float(v) for k, v in stats.items()}
+    now = time.perf_counter()
+    img_s = m.n_imgs / max(now - m.t_last, 1e-9)
+    m.t_last, m.n_imgs = now, 0
+    lr = t.scheduler.get_last_lr()[0]
+    own = {{"alpha": "a", "beta": "b", "p2_share": "p2"}.get(k, k): f"{v:.3g}"
+           for k, v in values.items() if k != "loss"}  # the statistics this loss returned, only
+    m.bar.set_postfix(loss=f"{values['loss']:.4f}", **own, img_s=f"{img_s:.0f}", refresh=False)
+    t.tracker.log("train", t.state["global_step"], epoch=epoch, lr=lr, img_s=img_s,
+                  skipped=t.data.train_loader.skipped, **values)
+
+
+def record_epoch(t: Trainer, m: EpochMeters, epoch: int) -> None:
+    """After the epoch's last fence: its throughput and time-share records, and the resumable state
+    moved to the start of the next epoch."""
+    state = t.state
+    timing = m.clock.end(m.epoch_images)
+    if timing:
+        t.tracker.log("epoch", state["global_step"], epoch=epoch, **timing)
+    state["epoch"], state["batch"] = epoch + 1, 0
+    parts = {k: v for k, v in m.shares.items() if not k.startswith("_")}
+    total_time = sum(parts.values())
+    if total_time > 0:
+        t.tracker.log("time_share", state["global_step"], epoch=epoch,
+                      **{k: v / total_time for k, v in parts.items()})
+
+
+def end_epoch(t: Trainer, epoch: int) -> None:
+    """Evaluate when due (every run.eval_every epochs and after the last), then the epoch's
+    checkpoint, which thus holds the evaluation's best_map/last_map."""
+    cfg = t.cfg
+    if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
+        t.state["last_map"] = evaluate_epoch(t, epoch)
+    t.save_checkpoint(f"epoch{epoch + 1}")
+
+
+def finish(t: Trainer) -> dict:
+    """The run's summary: written last (summary.json marks a finished run) and printed, by rank 0."""
+    cfg, state, dist_info = t.cfg, t.state, t.dist_info
+    summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
+               "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
+               "dataset": Path(cfg.data.root).name,
+               "world_size": dist_info.world_size, "skipped_samples": t.data.train_loader.skipped,
+               "wall_s": time.time() - t.t_start}
+    if dist_info.is_main:
+        atomic_write_json(t.run_dir / "summary.json", summary)
+        print(f"[pml-scale] {cfg.run.name}: final mAP {100 * (summary['final_map'] or 0):.2f}  "
+              f"best {100 * summary['best_map']:.2f} (epoch {summary['best_epoch']})  "
+              f"{summary['wall_s']:.0f} s", flush=True)
     return summary
 
 
@@ -518,8 +707,13 @@ class EpochClock:
         return out
 
 
-def evaluate_epoch(engine, eval_loader, test_labels, full_train, manifest, cfg, epoch, num_labels, tracker, run_dir,
-                   dist_info, state) -> float:
+def evaluate_epoch(t: Trainer, epoch: int) -> float:
+    """Score the test split (every rank predicts its share, rank 0 scores) and keep best.pt; returns
+    the mAP, with best_map/best_epoch in ``t.state`` the same on every rank."""
+    engine, eval_loader, cfg, tracker, run_dir, dist_info, state = (
+        t.engine, t.data.eval_loader, t.cfg, t.tracker, t.run_dir, t.dist_info, t.state)
+    test_labels, full_train, manifest, num_labels = (
+        t.data.test_labels, t.data.full_train, t.data.manifest, t.data.num_labels)
     bar = tracker.progress(eval_loader.batches_per_epoch, "eval")
     scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar,
                           prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
