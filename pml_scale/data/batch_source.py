@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import ID_EXT, sample_key
-from .index import Locations, check_image_bytes, fallback_jpeg
+from .index import Locations, ShardFiles, check_image_bytes, fallback_jpeg
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
@@ -93,29 +93,14 @@ class BatchReader:
     """Reads and checks one batch of a plan; file descriptors opened once per process."""
 
     def __init__(self):
-        self._pid = None
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._files = ShardFiles()
         self.pool = _BufferPool()
 
     def _fd(self, path: str) -> int:
-        with self._lock:
-            if self._pid != os.getpid():
-                self._fds, self._pid = {}, os.getpid()
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"{path}: shard file disappeared while reading") from None
-                self._fds[path] = fd
-            return fd
+        return self._files.get(path)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds = {}
+        self._files.close()
 
     def read(self, loc: Locations, row: int, valid: np.ndarray, known_bad: dict) -> tuple:
         """(buffer, views, ids, valid, bad) of plan row ``row``; bad samples replaced by the next

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,24 +201,50 @@ def check_image_bytes(data: bytes | memoryview) -> str | None:
     return None
 
 
-class ShardReader:
-    """Reads samples by location with ``os.pread``; one handle per shard per process."""
+class ShardFiles:
+    """Read-only descriptors of shard files by path, opened once per process and shared by
+    threads (positional reads need no seek). A forked worker opens its own: the parent's are
+    not its to share. Pickles as an empty set (never ship open descriptors)."""
 
     def __init__(self):
         self._pid = None
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> int:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._fds, self._pid = {}, os.getpid()
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"{path}: shard file disappeared while reading") from None
+                self._fds[path] = fd
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class ShardReader:
+    """Reads samples by location with ``os.pread``; one handle per shard per process."""
+
+    def __init__(self):
+        self._files = ShardFiles()
 
     def _fd(self, path: str) -> int:
-        if self._pid != os.getpid():  # forked worker: parent's descriptors are not ours to share
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: shard file disappeared while reading") from None
-            self._fds[path] = fd
-        return fd
+        return self._files.get(path)
 
     def read(self, loc: Locations, pos) -> bytes:
         """Image bytes of entry ``pos``; ``SampleError`` naming shard+key if unusable."""
@@ -238,12 +265,7 @@ class ShardReader:
         return data
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __getstate__(self):  # never pickle open descriptors
-        return {"_pid": None, "_fds": {}}
+        self._files.close()
 
 
 _FALLBACK: bytes | None = None
