@@ -274,7 +274,7 @@ def compile_check() -> int:
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed.append(f"{what} {k.fn.__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else exc!r}")
 
-    for B, L, dt, pdt, need_grad, picks, p_rule, coef, layout, cfg in cases:
+    for n, (B, L, dt, pdt, need_grad, picks, p_rule, coef, layout, cfg) in enumerate(cases):
         logits, states, pseudo, ids = fake_inputs(B, L, dt)
         pseudo = pseudo.to(pdt)
         if layout == "strided":
@@ -283,6 +283,7 @@ def compile_check() -> int:
         plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks, p_rule=p_rule,
                         coef_ptr=coef, block_l=None)
         plan.flags["FAST"] = True
+        plan.flags["PSEUDO_MODE"] = n % len(pl.PSEUDO_WEIGHTS)  # the paper, balanced, capped in turn
         yhat, out = torch.empty((B, L), dtype=f16), torch.empty(2 * B + 1)
         grad, pk = torch.empty((B, L), dtype=dt), torch.empty((B, L), dtype=torch.int8)
         a = (logits, states, pseudo, ids, torch.empty(2) if coef else out, grad if need_grad else yhat, yhat, out,

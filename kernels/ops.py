@@ -77,7 +77,8 @@ def fused_partial_label_loss(
     ``pml_scale.losses.picks.pick_mask(ids, L, seed, epoch, q)``. State values other than
     1/0/-1 are not scanned for (no device sync) and contribute nothing: mark padded or
     invalid rows that way and pass ``num_rows`` = the number of valid rows. ``pseudo_weights``
-    "balanced" (ours+) weighs both picked pseudo terms (α+β)/2 instead of α and β.
+    "balanced" weighs both picked pseudo terms (α+β)/2 instead of α and β; "capped" (ours+) does
+    so only when α > β and keeps the paper's α, β otherwise.
     """
     params = dict(alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed, epoch=epoch,
                   p_threshold=p_threshold, p_rule=p_rule, num_rows=num_rows, pseudo_weights=pseudo_weights)

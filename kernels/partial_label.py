@@ -55,7 +55,7 @@ from .pick_hash import GOLDEN, MASK32, PICK_BITS, launch_key, pick_threshold  # 
 
 
 P_RULES = ("text", "printed")
-PSEUDO_WEIGHTS = ("alpha_beta", "balanced")
+PSEUDO_WEIGHTS = ("alpha_beta", "balanced", "capped")  # PSEUDO_MODE = index
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PSEUDO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int64, torch.int32)
@@ -142,18 +142,23 @@ def _counts(pos, neg, sel):
 
 
 @triton.jit
-def _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr):
-    """(α, β, α_S, β_S): the observed-term and picked-pseudo-term weights. BALANCED (ours+):
-    both pseudo terms weigh (α+β)/2; else (the paper) α and β."""
+def _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr):
+    """(α, β, α_S, β_S): the observed-term and picked-pseudo-term weights. PSEUDO_MODE (index in
+    PSEUDO_WEIGHTS): 0 the paper (α, β); 1 "balanced", both (α+β)/2; 2 "capped" (ours+), the
+    paper's when α ≤ β, balanced when α > β (pseudo terms never pull missing labels up)."""
     if COEF_PTR:  # α, β from a device tensor: no host sync in the caller
         a = tl.load(coef_ptr).to(tl.float32)
         b = tl.load(coef_ptr + s_coef).to(tl.float32)
     else:
         a = alpha
         b = beta
-    if BALANCED:
+    if PSEUDO_MODE == 1:
         sa = 0.5 * (a + b)
         sb = sa
+    elif PSEUDO_MODE == 2:
+        mid = 0.5 * (a + b)
+        sa = tl.where(a > b, mid, a)
+        sb = tl.where(a > b, mid, b)
     else:
         sa = a
         sb = b
@@ -305,7 +310,7 @@ def _row_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
@@ -339,7 +344,7 @@ def _row_kernel(
         m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=1))
         cnt += tl.sum(_counts(pos2, neg2, sel2), axis=1)
 
-    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, PSEUDO_MODE)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
                                                   P_PRINTED)
     a_ne = a_ne[:, None]
@@ -366,7 +371,7 @@ def _row1_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr,
 ):
@@ -394,7 +399,7 @@ def _row1_kernel(
                                                             s_sl, s_pb, s_pl, rmix, thr, CONTIG, WINDOW)
         m = tl.maximum(m, tl.max(tl.where(own2, s2, float("-inf")), axis=0))
         cnt += tl.sum(_counts(pos2, neg2, sel2), axis=0)
-    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, PSEUDO_MODE)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
                                                   P_PRINTED)
     term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
@@ -454,7 +459,7 @@ def _split_fused_kernel(
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr, part_ptr,
     B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
     alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, BALANCED: tl.constexpr, P_PRINTED: tl.constexpr,
+    CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr, P_PRINTED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W: tl.constexpr, KP: tl.constexpr,
 ):
@@ -471,7 +476,7 @@ def _split_fused_kernel(
     m = tl.max(tl.load(part_ptr + pidx, mask=pm, other=float("-inf")), axis=0)
     ne = tl.sum(tl.load(part_ptr + NK + pidx, mask=pm, other=0.0), axis=0)
     ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
-    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, BALANCED)
+    a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, PSEUDO_MODE)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED)
     term, y, grad = _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out, own, y, grad, rmix, _col_mix(col), thr,
@@ -830,7 +835,7 @@ class _Plan:
                  "dtype", "tuned")
 
     def __init__(self, logits, states, pseudo, ids, *, need_grad, return_picks, p_rule, coef_ptr, block_l,
-                 balanced=False):
+                 pseudo_mode=0):
         B, L = check_inputs(logits, states, pseudo, ids)
         self.B, self.L, self.dev = B, L, logits.device
         self.cuda = self.dev.type == "cuda"
@@ -842,7 +847,7 @@ class _Plan:
         self.window = window = contig and L % 16 != 0 and (B * L) % 16 == 0
         self.strides = (logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
                         pseudo.stride(0), pseudo.stride(1), ids.stride(0))
-        self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, BALANCED=balanced,
+        self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, PSEUDO_MODE=pseudo_mode,
                           P_PRINTED=(p_rule == "printed"),
                           STORE_GRAD=need_grad, STORE_PICKS=return_picks,
                           FAST=self.cuda and not interpreter_active())  # MUFU forms only when compiled
@@ -894,18 +899,18 @@ def tuned_configs() -> dict:
     return {k: (v[0].label(), dict(v[1])) for k, v in _TUNED.items()}
 
 
-def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, balanced):
+def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode):
     return (logits.shape, logits.stride(), logits.dtype, logits.device,
             states.shape, states.stride(), states.dtype, states.device,
             pseudo.shape, pseudo.stride(), pseudo.dtype, pseudo.device,
             ids.shape, ids.stride(), ids.dtype, ids.device,
-            need_grad, return_picks, p_rule, coef_ptr, block_l, balanced)
+            need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode)
 
 
 def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
-              balanced=False) -> _Plan:
+              pseudo_mode=0) -> _Plan:
     try:
-        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, balanced)
+        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode)
     except (AttributeError, TypeError):  # not tensors: let check_inputs name the argument
         key = None
     plan = _PLANS.get(key) if key is not None else None
@@ -913,7 +918,7 @@ def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef
         if p_rule not in P_RULES:
             raise ValueError(f"p_rule must be one of {P_RULES}, got {p_rule!r}")
         plan = _Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=return_picks,
-                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l, balanced=balanced)
+                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l, pseudo_mode=pseudo_mode)
         if key is not None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
@@ -991,14 +996,14 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
                 logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
                 B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
                 alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
+                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
                 f["FAST"], cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
             return
         _run_kernel(_row_kernel, (triton.cdiv(B, cfg.block_b),), (
             logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
             B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
             alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-            f["CONTIG"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+            f["CONTIG"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
             cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
         return
     W = cfg.w1
@@ -1013,7 +1018,7 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
         logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
         B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
         alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["BALANCED"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
+        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
         W, _next_pow2(K)), cfg.num_warps, cfg.num_stages, key and key + ("fused", _aligned(cnt, part)))
 
 
@@ -1078,7 +1083,7 @@ def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=N
     if pseudo_weights not in PSEUDO_WEIGHTS:
         raise ValueError(f"pseudo_weights must be one of {PSEUDO_WEIGHTS}, got {pseudo_weights!r}")
     plan = _get_plan(logits, states, pseudo, sample_ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
-                     pseudo_weights == "balanced")
+                     PSEUDO_WEIGHTS.index(pseudo_weights))
     if coef_ptr:
         if alpha is not None or beta is not None:
             raise ValueError("pass either alpha and beta (host floats) or coef (a (2,) device tensor), not both")
@@ -1132,7 +1137,8 @@ def partial_label_forward(
     read by the kernel (no host sync). ``num_rows`` (default B) divides the loss and gradient;
     rows whose states are all outside {-1, 0, 1} contribute nothing.
     ``pseudo_weights``: "alpha_beta" (the paper: α, β also weigh the picked pseudo terms) or
-    "balanced" (ours+: both pseudo terms weigh (α+β)/2).
+    "balanced" (both pseudo terms weigh (α+β)/2) or "capped" (ours+: the paper's weights when
+    α ≤ β, balanced when α > β).
     ``block_l`` forces the tile width: rows longer than it take the split path.
     """
     r = forward(logits, states, pseudo, sample_ids, alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed,

@@ -351,10 +351,10 @@ def test_matches_library_torch_loss_if_present():
 
 # --------------------------------------------------------------------------- α/β readings, ours+ weights
 @pytest.mark.parametrize("reading", ["slots", "observed", "seen", "none"])
-@pytest.mark.parametrize("pseudo_weights", ["alpha_beta", "balanced"])
+@pytest.mark.parametrize("pseudo_weights", ["alpha_beta", "balanced", "capped"])
 def test_triton_backend_matches_reference_for_every_reading(reading, pseudo_weights):
     """The loss's triton backend (the fused kernel, interpreted here) equals the PyTorch reference
-    for every α/β reading and both pseudo-term weightings: loss, gradient, ŷ."""
+    for every α/β reading and every pseudo-term weighting: loss, gradient, ŷ."""
     from pml_scale.losses import partial_label_loss_with_stats
 
     g = torch.Generator().manual_seed(11)
@@ -405,3 +405,29 @@ def test_balanced_weights_and_coef_tensor_in_the_kernel():
     yhat = torch.sigmoid(logits)
     p = torch.where(yhat.amax(1) < 0.1, 2.0, 1.0)[:, None]
     assert torch.allclose(res[0][picked].double(), (want * p * 0.65)[picked], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("ab,same_as", [((0.8, 0.2), "balanced"), ((0.2, 0.8), "alpha_beta"), ((0.5, 0.5), "alpha_beta")])
+def test_capped_weights_in_the_kernel(ab, same_as):
+    """pseudo_weights='capped' (ours+) in the kernel: balanced when α > β, the paper's otherwise,
+    bit for bit, with host floats and with a coef tensor."""
+    from pml_scale.kernels import fused_partial_label_loss
+
+    g = torch.Generator().manual_seed(8)
+    B, L = 5, 40
+    logits = torch.randn(B, L, generator=g)
+    states = torch.randint(-1, 2, (B, L), generator=g).to(torch.int8)
+    pseudo = torch.rand(B, L, generator=g)
+    ids = torch.arange(B)
+
+    def run(weights, coef):
+        x = logits.clone().requires_grad_(True)
+        ab_kw = dict(coef=torch.tensor(ab)) if coef else dict(alpha=ab[0], beta=ab[1])
+        loss, _, _ = fused_partial_label_loss(x, states, pseudo, ids, **ab_kw, d=1.3, q=0.5, seed=1, epoch=0,
+                                              pseudo_weights=weights)
+        loss.backward()
+        return loss.item(), x.grad
+
+    for coef in (False, True):
+        (l_c, g_c), (l_s, g_s) = run("capped", coef), run(same_as, coef)
+        assert l_c == l_s and torch.equal(g_c, g_s)

@@ -168,7 +168,7 @@ def test_alpha_beta_counts_seen_uses_the_loss_picks():
 
 
 def test_paper_balanced_pseudo_weights_2x4():
-    """ours+ pseudo_weights="balanced": observed terms keep α/β, picked terms weigh (α+β)/2 each."""
+    """pseudo_weights="balanced": observed terms keep α/β, picked terms weigh (α+β)/2 each."""
     args = (t64(LOGITS_2x4), s8(STATES_2x4), t64(PSEUDO_2x4), torch.tensor([4, 9]))
     d, a, b = math.exp(-1 / 3), 3 / 4, 1 / 4  # the default reading 'observed'
     m = (a + b) / 2
@@ -190,6 +190,27 @@ def test_paper_balanced_pseudo_weights_2x4():
     assert g_bal[missing].abs().max() < 1e-15 and (g_pap[missing] < 0).all()  # α > β: the paper pushes up
     with pytest.raises(ValueError, match="pseudo_weights"):
         partial_label_loss(*args, **{**kw, "pseudo_weights": "equal"})
+
+
+def test_paper_capped_pseudo_weights_2x4():
+    """ours+ pseudo_weights="capped": balanced when α > β, the paper's weights when α ≤ β; the same
+    with host counts and with device-tensor counts (the no-sync path)."""
+    args = (t64(LOGITS_2x4), s8(STATES_2x4), t64(PSEUDO_2x4), torch.tensor([4, 9]))
+    kw = dict(epoch=1, total_epochs=6, seed=0, q=1.0)
+
+    def loss(weights, counts):
+        return partial_label_loss(*args, **kw, pseudo_weights=weights, batch_counts=counts).item()
+
+    for counts in ((1, 4), torch.tensor([1.0, 4.0], dtype=D64)):  # α = 3/4 > β: capped = balanced ≠ paper
+        assert loss("capped", counts) == loss("balanced", counts) != pytest.approx(loss("alpha_beta", counts))
+    for counts in ((3, 4), torch.tensor([3.0, 4.0], dtype=D64)):  # α = 1/4 < β: capped = the paper ≠ balanced
+        assert loss("capped", counts) == loss("alpha_beta", counts) != pytest.approx(loss("balanced", counts))
+    # the default reading on this batch gives α = 3/4: the balanced hand value of the test above
+    assert loss("capped", None) == pytest.approx(loss("balanced", None), rel=1e-15)
+    x = args[0].clone().requires_grad_(True)
+    partial_label_loss(x, *args[1:], **kw, pseudo_weights="capped", batch_counts=(3, 4)).backward()
+    want = partial_label_loss_grad(*args, **kw, pseudo_weights="capped", batch_counts=(3, 4))
+    assert torch.allclose(x.grad, want, rtol=1e-10, atol=1e-14)
 
 
 def test_paper_batch_counts_override():

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from pml_scale.losses.picks import pick_mask, pick_threshold
 
 ALPHA_BETA_READINGS = ("slots", "observed", "seen", "none")
-PSEUDO_WEIGHTS = ("alpha_beta", "balanced")
+PSEUDO_WEIGHTS = ("alpha_beta", "balanced", "capped")
 D_SCHEDULES = ("centered", "printed")
 P_RULES = ("text", "printed")
 BACKENDS = ("torch", "triton", "auto")
@@ -234,7 +234,8 @@ class PaperOptions:
     q: pick probability of a missing entry (Eq. 12); gamma: floor of β (Eq. 8); m: Eq. (9);
     p_threshold, p_rule: Eq. (10); d_schedule: Eq. (9) reading; alpha_beta: Eq. (8) reading;
     pseudo_weights: "alpha_beta" (the paper: α and β also weigh the picked pseudo labels) or
-    "balanced" (ours+: both pseudo terms weighed (α + β)/2, see ``pseudo_coefficients``);
+    "balanced" (both pseudo terms weighed (α + β)/2) or "capped" (ours+: balanced when α > β,
+    the paper's otherwise; see ``pseudo_coefficients``);
     use_*: the ablations of Table VII.
     """
 
@@ -311,13 +312,22 @@ def pseudo_coefficients(opts: PaperOptions, alpha, beta) -> tuple:
     The paper uses α and β there too. With ỹ ≈ ŷ (ỹ is last visit's ŷ) the gradient on a picked
     logit is then −p·d·(α−β)·ŷ(1−ŷ)/|S|: whenever α ≠ β every missing label drifts, by
     log(α/β) in logit per visit, towards 1 (α > β) or 0, whatever the image shows. "balanced"
-    (ours+) weighs both terms (α+β)/2: the pseudo part pulls ŷ towards ỹ and no further, and
+    weighs both terms (α+β)/2: the pseudo part pulls ŷ towards ỹ and no further, and
     α/β keep balancing the observed positives against the observed negatives.
+    "capped" (ours+) keeps the paper's weights when α ≤ β (missing labels lean negative, as in
+    PPL/SPL batches under the 'observed' reading: positives are rare) and balances them when
+    α > β (PAL batches): the pseudo terms never pull a missing label up. α, β may be floats or
+    0-d tensors (the no-sync path); the choice is made without reading them on the host.
     """
+    if opts.pseudo_weights == "alpha_beta":
+        return alpha, beta
+    mid = 0.5 * (alpha + beta)
     if opts.pseudo_weights == "balanced":
-        mid = 0.5 * (alpha + beta)
         return mid, mid
-    return alpha, beta
+    if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
+        up = torch.as_tensor(alpha) > torch.as_tensor(beta)
+        return torch.where(up, mid, alpha), torch.where(up, mid, beta)
+    return (mid, mid) if alpha > beta else (alpha, beta)
 
 
 # --------------------------------------------------------------------------- shared setup
