@@ -21,6 +21,10 @@ TRITON_INTERPRET=0 timeout -k 10 "${T_TEST:-120}" $PY -m pytest -q -m gpu -p no:
   tests/test_kernel_fused_paths.py tests/test_kernel_partial_label.py > "$OUT/kernel_tests.log" 2>&1 || status=1
 tail -n 5 "$OUT/kernel_tests.log"
 { timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 2000 --top 20
-  timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 1000 --top 20 --step; } > "$OUT/host_profile.txt" 2>&1 || status=1
+  timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 1000 --top 20 --step
+  echo "=== with direct launches (PML_KERNEL_FAST_LAUNCH=1)"
+  PML_KERNEL_FAST_LAUNCH=1 timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 2000 --top 20
+  PML_KERNEL_FAST_LAUNCH=1 timeout -k 5 60 $PY benchmarks/kernel_host_profile.py --calls 1000 --top 20 --step
+} > "$OUT/host_profile.txt" 2>&1 || status=1
 grep "µs host per call" "$OUT/host_profile.txt"
 exit $status

@@ -934,14 +934,29 @@ except ImportError:  # pragma: no cover - triton < 3.4: no direct launches
     _knobs = None
 
 _COMPILED: dict = {}
+_DIRECT_LAUNCHES = [0]  # how many launches took the direct path (tests check it engages)
 
 
 def _fast_launch_enabled() -> bool:
-    return _knobs is not None and os.environ.get("PML_KERNEL_FAST_LAUNCH", "1").strip().lower() not in (
-        "0", "false", "no", "off")
+    """Direct launches are opt-in (PML_KERNEL_FAST_LAUNCH=1) until checked on a GPU: before the
+    HookChain fix they never engaged, so the GPU tests that compare them with Triton's launcher
+    compared the slow path with itself (H100 run of 2026-11-27; see benchmarks/RESULTS.md)."""
+    return _knobs is not None and os.environ.get("PML_KERNEL_FAST_LAUNCH", "0").strip().lower() in (
+        "1", "true", "yes", "on")
 
 
 _FAST_LAUNCH = _fast_launch_enabled()
+
+
+def _hook_idle(hook) -> bool:
+    """No launch hook to call: None (triton < 3.5) or an empty ``HookChain`` (triton 3.5+,
+    where the knob is never None; testing ``is None`` there kept every launch on the slow path)."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not getattr(hook, "calls", True))
+
+
+def _launch_hooks_idle() -> bool:
+    rt = _knobs.runtime
+    return _hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook)
 
 
 def _aligned(*tensors) -> bool:
@@ -967,10 +982,11 @@ def _run_kernel(fn, grid, args, num_warps, num_stages, key) -> None:
     flags), the config, and the per-call alignment / int specs."""
     if key is not None:
         ck = _COMPILED.get(key)
-        if ck is not None and _knobs.runtime.launch_enter_hook is None:
+        if ck is not None and _launch_hooks_idle():
             ck.run(grid[0], grid[1] if len(grid) > 1 else 1, 1,
                    torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()),
                    ck.function, ck.packed_metadata, None, None, None, *args)
+            _DIRECT_LAUNCHES[0] += 1
             return
     ck = fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
     if key is not None and ck is not None and hasattr(ck, "packed_metadata"):

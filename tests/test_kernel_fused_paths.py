@@ -421,9 +421,11 @@ def test_gpu_paths_match_reference(monkeypatch, B, L, cfg, dtype):
 def test_gpu_direct_launch_equals_triton_launch(monkeypatch):
     monkeypatch.setenv("PML_KERNEL_TUNE", "0")
     outs = {}
+    direct = {}
     for fast in (False, True):
         monkeypatch.setattr(pl, "_FAST_LAUNCH", fast)
         pl._COMPILED.clear()
+        before = pl._DIRECT_LAUNCHES[0]
         for B, L in ((4096, 600), (256, 9605), (8, 100_000)):
             logits, states, pseudo, ids = _cuda_inputs(B, L, torch.bfloat16)
             res = [run_kernel(logits, states, pseudo, ids) for _ in range(3)]  # first, then cached launches
@@ -432,6 +434,9 @@ def test_gpu_direct_launch_equals_triton_launch(monkeypatch):
             res.append(picked_pseudo_sums(states, pseudo, ids, q=0.5, seed=SEED, epoch=EPOCH))
             res.append(partial_label_forward(logits, states, pseudo, ids, coef=coef, **params))
             outs[(fast, B, L)] = res
+        direct[fast] = pl._DIRECT_LAUNCHES[0] - before
+    # the direct path must really have been taken (it silently was not before the HookChain fix)
+    assert direct[False] == 0 and direct[True] > 0, direct
     for B, L in ((4096, 600), (256, 9605), (8, 100_000)):
         slow, fast = outs[(False, B, L)], outs[(True, B, L)]
         for u, v in zip(slow[:3] + fast[:3], slow[:1] * 6):
