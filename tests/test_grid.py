@@ -147,6 +147,7 @@ SHIPPED = {  # hand-counted from the paper's tables
     "openimages": 5,
     "demo": 3 * (7 * 8 + 1 + 4 * 2),              # seeds x (7 methods x 8 settings + BCE FAL + ablation)
     "longtail": 5 * 3,                            # 5 methods x 3 partial settings, one seed
+    "ablation_demo": 5,
     "final": 3 * (6 * 3 + 2),                     # seeds x (6 methods x 3 partial settings + BCE, ours on FAL)
 }
 
