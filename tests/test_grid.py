@@ -146,7 +146,7 @@ SHIPPED = {  # hand-counted from the paper's tables
     "table7_ablation": 2 * 2 * 5,                 # COCO, NUS x PAL_0.6, PPL_0.6 x Ours + 4 ablations
     "openimages": 5,
     "demo": 3 * (7 * 8 + 1 + 4 * 2),              # seeds x (7 methods x 8 settings + BCE FAL + ablation)
-    "longtail": 5 * 3,                            # 5 methods x 3 partial settings, one seed
+    "longtail": 5 * (3 + 3 + 1),                  # 5 methods x (PAL, PPL at 3 seeds + SPL at seed 0)
     "ablation_demo": 5,
     "final": 3 * (6 * 3 + 2),                     # seeds x (6 methods x 3 partial settings + BCE, ours on FAL)
 }
