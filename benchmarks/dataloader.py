@@ -137,6 +137,8 @@ class PassthroughLoader:
         self.epoch = epoch
 
     def __iter__(self):
+        from pml_scale.data.loaders import drain_pipeline
+
         plan = self.make_plan(self.shard_ids, seed=0, epoch=self.epoch, rank=0, world_size=1,
                               batch_size=self.batch_size, train=True)
         loc = self.index.locate(plan.ids)
@@ -154,17 +156,8 @@ class PassthroughLoader:
                 self.source.release(fed)
                 pipe.schedule_run()
                 yield outs
-        finally:  # left early: stop the source and drain, as the loader does
-            self.source.stop()
-            while True:
-                try:
-                    pipe.share_outputs()
-                except StopIteration:
-                    break
-                pipe.release_outputs()
-                pipe.schedule_run()
-            pipe.reset()
-            self.source.cancel()
+        finally:  # left early: drain as the loader does
+            drain_pipeline(pipe, self.source)
 
     def close(self) -> None:
         self.pipe = None

@@ -277,6 +277,22 @@ class _PilBatches(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- the loader
 
 
+def drain_pipeline(pipe, source) -> None:
+    """Finish an epoch of a persistent pipeline left early, so the next epoch can start: stop the
+    batch source, consume the batches DALI already has in flight, reset the pipeline, then drop
+    what the source still held. Raises what an in-flight batch raises."""
+    source.stop()
+    while True:
+        try:
+            pipe.share_outputs()
+        except StopIteration:
+            break
+        pipe.release_outputs()
+        pipe.schedule_run()
+    pipe.reset()
+    source.cancel()
+
+
 class EpochLoader:
     """Iterates one rank's batches of one epoch; ``len(loader)`` is equal on every rank.
 
@@ -448,21 +464,12 @@ class EpochLoader:
                     self._drain(pipe)
 
     def _drain(self, pipe) -> None:
-        """Finish an epoch left early: stop the source, consume what is in flight, reset."""
-        src = self._source
-        src.stop()
+        """Finish an epoch left early (see ``drain_pipeline``); a failing in-flight batch leaves
+        the pipeline unusable: it is dropped, and its fed inputs are freed at the next start()."""
         try:
-            while True:
-                try:
-                    pipe.share_outputs()
-                except StopIteration:
-                    break
-                pipe.release_outputs()
-                pipe.schedule_run()
-            pipe.reset()
-            src.cancel()
-        except Exception:  # a failing in-flight batch: the pipeline cannot be reused; its fed inputs
-            self._pipe = None  # are freed at the next start(), once the pipeline is gone
+            drain_pipeline(pipe, self._source)
+        except Exception:
+            self._pipe = None
 
     def _find_undecodable(self, loc: Locations, b0: int, b1: int) -> bool:
         """After a DALI failure: decode batches [b0, b1) with PIL; remember what fails."""
