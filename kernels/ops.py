@@ -66,7 +66,7 @@ def fused_partial_label_loss(
     p_threshold: float = 0.1, p_rule: str = "text", num_rows: float | None = None,
     pseudo_weights: str = "alpha_beta",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The paper's loss (DESIGN.md §1) fused: returns (loss, yhat, p).
+    """The paper's loss (docs/design.md §1) fused: returns (loss, yhat, p).
 
     loss: fp32 scalar (1/num_rows) Σ_i L_i (num_rows defaults to B), differentiable wrt
     logits; yhat: (B, L) fp16 σ(logits), no grad (scatter it to the pseudo store); p: (B,)

@@ -1,4 +1,4 @@
-"""Fused forward + gradient kernels for the paper's partial-label loss (DESIGN.md §1, §2).
+"""Fused forward + gradient kernels for the paper's partial-label loss (docs/design.md §1, §2).
 
 One pass reads logits, label states and pseudo labels, draws the q-picks of missing labels
 in-kernel (the counter-based hash of ``pml_scale.losses.picks``, bit for bit, in uint32

@@ -1,4 +1,4 @@
-"""Fused Triton loss kernel vs an independent float64 PyTorch reference of DESIGN.md §1.
+"""Fused Triton loss kernel vs an independent float64 PyTorch reference of docs/design.md §1.
 
 Runs on CPU under TRITON_INTERPRET=1 (set by conftest.py before triton is imported).
 """
@@ -44,7 +44,7 @@ def np_picks(ids: torch.Tensor, L: int, seed: int, epoch: int, q: float) -> torc
 
 def ref_loss(logits, states, pseudo, ids, *, alpha, beta, d, q, seed, epoch, p_threshold=0.1,
              p_rule="text"):
-    """DESIGN.md §1 written literally in float64; returns (loss, grad wrt logits, p, |S|)."""
+    """docs/design.md §1 written literally in float64; returns (loss, grad wrt logits, p, |S|)."""
     s = logits.detach().double().requires_grad_(True)
     yt = pseudo.double()
     y = torch.sigmoid(s)

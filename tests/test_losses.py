@@ -249,7 +249,7 @@ def test_paper_edge_rows_q0_q1(q):
 
 
 def loop_reference(logits, states, pseudo, picks, alpha, beta, d, p_thr):
-    """A second, element-by-element implementation of DESIGN.md §1 (text rule)."""
+    """A second, element-by-element implementation of docs/design.md §1 (text rule)."""
     B, L = len(logits), len(logits[0])
     total = 0.0
     for i in range(B):

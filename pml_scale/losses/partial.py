@@ -1,4 +1,4 @@
-"""The paper's loss (DESIGN.md §1), readable pure PyTorch: the reference the fused Triton
+"""The paper's loss (docs/design.md §1), readable pure PyTorch: the reference the fused Triton
 kernel is tested against, and the CPU path.
 
 Per image i of a batch of B over its L labels (E⁺/E⁻ observed positives/negatives, N_e = |E|,
