@@ -470,6 +470,30 @@ def test_gpu_paths_match_reference(monkeypatch, B, L, cfg, dtype):
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,L,cfg", [(256, 600, None), (64, 9605, "split:bb1:w4096:nw8:ns1"), (8, 100_000, None)])
+@pytest.mark.parametrize("neg_gamma,neg_margin", NEG_OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_neg_options_match_reference(monkeypatch, B, L, cfg, neg_gamma, neg_margin, dtype):
+    """The compiled ours+ specialisation (MUFU lg2/ex2/rcp approximations, which the interpreter
+    does not run) vs the library's float64 reference; tolerances of ``test_gpu_paths_match_reference``."""
+    monkeypatch.setenv("PML_KERNEL_TUNE", "0")
+    forced(monkeypatch, cfg)
+    pseudo_weights, (alpha, beta) = WEIGHTINGS[dtype == torch.bfloat16]
+    logits, states, pseudo, ids = neg_inputs(B, L, gen_seed=L, dtype=dtype, pseudo_dtype=torch.float16)
+    loss, grad, yhat, p = run_kernel(logits.cuda(), states.cuda(), pseudo.cuda(), ids.cuda(), alpha=alpha, beta=beta,
+                                     pseudo_weights=pseudo_weights, neg_gamma=neg_gamma, neg_margin=neg_margin)
+    r_loss, r_grad, r_p, _ = ref_loss_lib(logits, states, pseudo, ids, neg_gamma=neg_gamma, neg_margin=neg_margin,
+                                          pseudo_weights=pseudo_weights, alpha=alpha, beta=beta)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-3
+    grad_tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8 * 1.05
+    assert torch.isfinite(grad).all()
+    assert rel_err(loss.cpu(), r_loss) <= tol and rel_err(grad.cpu(), r_grad) <= grad_tol
+    assert (p.cpu().double() != r_p).sum() <= 1
+    assert_yhat(yhat.cpu(), logits)
+
+
+@requires_cuda
+@pytest.mark.gpu
 def test_gpu_direct_launch_equals_triton_launch(monkeypatch):
     monkeypatch.setenv("PML_KERNEL_TUNE", "0")
     outs = {}
