@@ -470,9 +470,10 @@ def test_gpu_paths_match_reference(monkeypatch, B, L, cfg, dtype):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,L,cfg", [(256, 600, None), (64, 9605, "split:bb1:w4096:nw8:ns1"), (8, 100_000, None)])
-@pytest.mark.parametrize("neg_gamma,neg_margin", NEG_OPTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,L,cfg,neg_gamma,neg_margin,dtype", [
+    (*case, *opt, (torch.float32, torch.bfloat16)[(i + j) % 2])  # each path and each option in both dtypes
+    for i, case in enumerate([(256, 600, None), (64, 9605, "split:bb1:w4096:nw8:ns1"), (8, 100_000, None)])
+    for j, opt in enumerate(NEG_OPTIONS)], ids=str)
 def test_gpu_neg_options_match_reference(monkeypatch, B, L, cfg, neg_gamma, neg_margin, dtype):
     """The compiled ours+ specialisation (MUFU lg2/ex2/rcp approximations, which the interpreter
     does not run) vs the library's float64 reference; tolerances of ``test_gpu_paths_match_reference``."""
