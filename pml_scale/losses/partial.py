@@ -539,10 +539,6 @@ def _triton(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, to
             "backend='triton' needs pml_scale.kernels.fused_partial_label_loss, which failed to import "
             f"({exc}); use backend='torch' (or 'auto' on CPU)"
         ) from exc
-    if not opts.plain_negatives:
-        raise NotImplementedError(
-            f"loss options neg_gamma={opts.neg_gamma}, neg_margin={opts.neg_margin} are not in the fused kernel "
-            f"yet: use loss.backend=torch")
     if validate:
         validate_batch(logits, states, pseudo=pseudo, sample_ids=sample_ids)
     alpha, beta, d = coefficients(opts, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
@@ -556,7 +552,8 @@ def _triton(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, to
         ab = dict(alpha=float(alpha), beta=float(beta))
     loss, yhat, p = fused_partial_label_loss(
         logits, states, pseudo, sample_ids, **ab, d=d, q=opts.q_used, seed=seed, epoch=epoch,
-        p_threshold=p_threshold, p_rule=p_rule, pseudo_weights=opts.pseudo_weights)
+        p_threshold=p_threshold, p_rule=p_rule, pseudo_weights=opts.pseudo_weights,
+        neg_gamma=opts.neg_gamma, neg_margin=opts.neg_margin)  # validated by the kernel (ValueError/TypeError)
     stats = {"alpha": alpha, "beta": beta, "d": d, "p2_share": (p == 2).to(torch.float32).mean(),
              "picked_share": float("nan")}
     return loss, stats, yhat
