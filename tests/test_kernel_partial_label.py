@@ -486,7 +486,7 @@ def neg_inputs(B, L, *, gen_seed, dtype=torch.float32, pseudo_dtype=torch.float3
 
 
 def test_library_reference_helper_is_the_paper_at_zero():
-    """Sanity of ``ref_loss_lib``: with γ⁻ = m⁻ = 0 it is DESIGN.md §1 (``ref_loss``) at α, β, d = KW."""
+    """Sanity of ``ref_loss_lib``: with γ⁻ = m⁻ = 0 it is docs/design.md §1 (``ref_loss``) at α, β, d = KW."""
     logits, states, pseudo, ids = neg_inputs(6, 50, gen_seed=1)
     loss, grad, p, _ = ref_loss_lib(logits, states, pseudo, ids)
     r_loss, r_grad, r_p, _ = ref_loss(logits, states, pseudo, ids, q=0.5, **KW)

@@ -358,12 +358,10 @@ def negative_term(x: torch.Tensor, gamma: float = 0.0, margin: float = 0.0) -> t
     """
     if gamma == 0.0 and margin == 0.0:
         return F.logsigmoid(-x)
-    if margin > 0.0:
-        u = (torch.sigmoid(x) - margin).clamp(min=0.0)
-        log_n = torch.log((torch.sigmoid(-x) + margin).clamp(max=1.0))  # log(1 − u), exact where u > 0
-    else:
-        u = torch.sigmoid(x)
-        log_n = F.logsigmoid(-x)
+    if margin == 0.0:  # u = ŷ: u^γ = exp(γ log σ(x)), finite and differentiable for any logit
+        return torch.exp(gamma * F.logsigmoid(x)) * F.logsigmoid(-x)
+    u = (torch.sigmoid(x) - margin).clamp(min=0.0)
+    log_n = torch.log((torch.sigmoid(-x) + margin).clamp(max=1.0))  # log(1 − u), exact where u > 0
     return log_n if gamma == 0.0 else u.pow(gamma) * log_n
 
 
@@ -372,6 +370,8 @@ def negative_term_grad(yhat: torch.Tensor, gamma: float = 0.0, margin: float = 0
     u'·[γ u^(γ−1) log(1−u) − u^γ/(1−u)] with u' = ŷ(1−ŷ) where ŷ > m, else 0."""
     if gamma == 0.0 and margin == 0.0:
         return -yhat
+    if margin == 0.0:  # ŷ^γ (γ (1−ŷ) log1p(−ŷ) − ŷ): −1 as ŷ → 1 (xlog1py), no NaN anywhere
+        return yhat.pow(gamma) * (gamma * torch.special.xlog1py(1 - yhat, -yhat) - yhat)
     u = (yhat - margin).clamp(min=0.0)
     active = yhat > margin
     du = torch.where(active, yhat * (1 - yhat), torch.zeros_like(yhat))
