@@ -124,8 +124,9 @@ class DataConfig(_Section):
     on_error: str = "skip"
     train_split: str = "train"
     test_split: str = "test"
-    # > 0: carve a validation split from train (seeded by val_seed, default run.seed): per-epoch
-    # evaluation and every choice use it; the test split is read once, at the end (eval.test)
+    # > 0: carve a validation split from train (seeded by val_seed, default run.seed; a dataset
+    # that ships val_ids.npy defines its own): per-epoch evaluation and every choice use it; the
+    # test split is read once, at the end (eval.test)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     val_seed: Optional[int] = None
     feature_cache: bool = False  # cache the output of the model.frozen_stages frozen units once (data.features)

@@ -121,7 +121,14 @@ def loader_config(cfg, split: str, *, train: bool, batch_size: int, subset: str 
                         workers=cfg.data.workers, dtype=cfg.model.dtype if cfg.model.dtype != "fp32" else "float32",
                         on_error=cfg.data.on_error, affinity=cfg.data.affinity if train else "none",
                         seed=cfg.run.seed, subset=subset, val_fraction=cfg.data.val_fraction,
-                        val_seed=val_seed(cfg), features=features)
+                        val_seed=val_seed(cfg), val_ids=dataset_val_ids(cfg), features=features)
+
+
+def dataset_val_ids(cfg) -> str | None:
+    """The dataset's own validation ids (``val_ids.npy`` in data.root, e.g. the photos dataset's
+    held-out exemplars), used instead of a random carve when data.val_fraction > 0."""
+    path = Path(cfg.data.root) / "val_ids.npy"
+    return str(path) if cfg.data.val_fraction > 0 and path.exists() else None
 
 
 def make_loader(cfg, split: str, *, train: bool, dist_info, batch_size: int, subset: str = "all",

@@ -129,12 +129,13 @@ def test_exemplars_keep_photographs_of_big_enough_classes(stamps):
     from pml_scale.data.demo_photos import collect_exemplars, split_exemplars
 
     ex = collect_exemplars(stamps)
-    assert {k: len(v) for k, v in ex.items()} == {"bovines": 5, "mammals": 5, "birds": 6, "fruit": 4}  # trees: 3 < 4
+    assert {k: len(v) for k, v in ex.items()} == {"bovines": 5, "mammals": 5, "birds": 6}  # fruit 4, trees 3 < 5
     assert not any("lineart" in str(p) or "cartoon" in str(p) for v in ex.values() for p in v)
     split = split_exemplars(ex, seed=0)
     for name, paths in ex.items():
-        train, test = set(split["train"][name]), set(split["test"][name])
-        assert not train & test and train | test == set(paths) and len(train) >= 2 and len(test) >= 2
+        train, val, test = (set(split[s][name]) for s in ("train", "val", "test"))
+        assert not train & test and not train & val and not val & test and train | val | test == set(paths)
+        assert len(train) >= 2 and len(val) >= 1 and len(test) >= 2
 
 
 def test_photos_dataset_builds_through_the_coco_converter(stamps, tmp_path):
@@ -143,9 +144,10 @@ def test_photos_dataset_builds_through_the_coco_converter(stamps, tmp_path):
 
     out = tmp_path / "photos"
     manifest = build_photos(out, stamps=stamps, n_train=30, n_test=12, size=64)
-    assert manifest["classes"] == ["bovines", "mammals", "birds", "fruit"]
+    assert manifest["classes"] == ["bovines", "mammals", "birds"]
     train = np.load(out / labels_name("train"))
-    assert train.shape == (30, 4) and set(np.unique(train)) <= {0, 1}
+    assert train.shape == (30, 3) and set(np.unique(train)) <= {0, 1}
+    np.testing.assert_array_equal(np.load(out / "val_ids.npy"), np.arange(24, 30))  # the last 20% of train
     assert (train.sum(1) >= 1).all() and (train.sum(1) <= 4).all()
     assert (out / "manifest.json").exists() and not (out / ".photos-src").exists()
 
@@ -161,13 +163,15 @@ def test_generated_images_use_only_their_splits_exemplars(stamps, tmp_path):
     from pml_scale.data.demo_photos import make_photos_coco
 
     files = make_photos_coco(tmp_path / "w", stamps=stamps, n_train=20, n_test=10, size=64)
-    used = {}
-    for split, (jpath, _) in files.items():
-        data = json.loads(Path(jpath).read_text())
-        used[split] = {s for im in data["images"] for s in im["stamps"]}
-        per_image = [len(im["stamps"]) for im in data["images"]]
-        assert min(per_image) >= 1 and max(per_image) <= 4
-    assert used["train"] and used["test"] and not used["train"] & used["test"]
+    used = {"train": set(), "val": set(), "test": set()}
+    for split in ("train", "test"):
+        data = json.loads(Path(files[split][0]).read_text())
+        for i, im in enumerate(data["images"]):
+            assert im["pool"] == ("test" if split == "test" else "val" if i in files["val_ids"] else "train")
+            used[im["pool"]] |= set(im["stamps"])
+            assert 1 <= len(im["stamps"]) <= 4
+    assert all(used.values())
+    assert not used["train"] & used["test"] and not used["train"] & used["val"] and not used["val"] & used["test"]
 
 
 # ----------------------------------------------------------------------------- validation split
@@ -185,6 +189,10 @@ def test_validation_ids_are_a_seeded_disjoint_carve():
     assert not np.intersect1d(np.concatenate(fit), val).size and sum(map(len, fit)) == 800
     with pytest.raises(ValueError, match="fraction"):
         validation_ids(ids, 1.0, 0)
+    # a dataset's own validation ids win over the carve
+    own = ids[[5, 900, 17]]
+    np.testing.assert_array_equal(np.sort(np.concatenate(restrict(shards, "val", 0.2, 1, own))), np.sort(own))
+    assert sum(map(len, restrict(shards, "fit", 0.2, 1, own))) == 997
 
 
 # ----------------------------------------------------------------------------- feature cache + trainer

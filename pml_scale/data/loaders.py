@@ -87,6 +87,7 @@ class LoaderConfig:
     subset: str = "all"  # "fit": the split minus its validation ids; "val": those ids only
     val_fraction: float = 0.0
     val_seed: int = 0
+    val_ids: str | None = None  # a dataset's own validation ids (.npy), instead of a seeded carve
     features: str | None = None  # a feature cache file (data.features): read rows instead of decoding
 
     def __post_init__(self):
@@ -312,7 +313,8 @@ class EpochLoader:
                  local_rank: int, device: torch.device):
         self.cfg, self.backend, self.index = cfg, backend, index
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
-        self._shard_ids = restrict(index.shard_ids(), cfg.subset, cfg.val_fraction, cfg.val_seed)
+        val_ids = np.load(cfg.val_ids) if cfg.val_ids is not None and cfg.subset != "all" else None
+        self._shard_ids = restrict(index.shard_ids(), cfg.subset, cfg.val_fraction, cfg.val_seed, val_ids)
         counts = [len(s) for s in self._shard_ids]
         self.num_samples = index.num_samples if cfg.subset == "all" else int(sum(counts))
         self.batches_per_epoch = batches_per_epoch(counts, batch_size=cfg.batch_size,

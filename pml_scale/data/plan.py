@@ -161,12 +161,17 @@ def validation_ids(all_ids: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return np.sort(ids[pick])
 
 
-def restrict(shard_ids: list[np.ndarray], subset: str, fraction: float, seed: int) -> list[np.ndarray]:
-    """``shard_ids`` cut to a subset: "all", "fit" (training minus validation) or "val"."""
+def restrict(shard_ids: list[np.ndarray], subset: str, fraction: float, seed: int,
+             val_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """``shard_ids`` cut to a subset: "all", "fit" (training minus validation) or "val". The
+    validation ids are ``val_ids`` when the dataset defines them, else a seeded carve."""
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
     if subset == "all":
         return shard_ids
-    val = validation_ids(np.concatenate(shard_ids), fraction, seed)
+    if val_ids is None:
+        val = validation_ids(np.concatenate(shard_ids), fraction, seed)
+    else:
+        val = np.unique(np.asarray(val_ids, dtype=np.int64))
     keep_val = subset == "val"
     return [s[np.isin(s, val, assume_unique=True) == keep_val] for s in shard_ids]
