@@ -11,7 +11,7 @@
     pml-shard demo OUT
 
 Exit codes: 0 success, 1 ``verify`` found a mismatch, 2 bad input or arguments (``--strict``
-stops at the first bad input with exit code 2).
+stops at the first bad input with exit code 2), 130 interrupted (Ctrl-C; rerun to resume).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .format import DALI_INDEX_VERSION, index_name_for, labels_name, read_manife
 from .sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
 
 MAX_PROBLEMS_SHOWN = 50
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,6 +408,10 @@ def main(argv=None) -> int:
     except (InputError, ConvertError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"pml-shard: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = "; rerun the same command to resume (finished shards are kept)" if a.command == "convert" else ""
+        print(f"pml-shard: interrupted{again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

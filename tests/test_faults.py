@@ -1,0 +1,187 @@
+"""Fault injection: what clusters do to a job, provoked for real and checked from outside.
+
+Each case starts the real program in a subprocess (the way users run it), does to it what a
+cluster does (a signal, a killed rank, a full disk, a failing helper thread, a shard changed
+under a running job), then checks what the user sees (exit code, message) and that nothing is
+lost: the rerun resumes and ends where an uninterrupted run ends. Every faulted process must exit
+within ``EXIT_BOUND_S`` seconds of the fault; no other timing is asserted.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+EXIT_BOUND_S = 60
+
+
+# ----------------------------------------------------------------------------------------------
+# process helpers
+
+
+def _proc_state(pid: int) -> str | None:
+    """The kernel's state letter of ``pid`` (None: gone). A zombie ('Z') has stopped running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _running(pid: int) -> bool:
+    return _proc_state(pid) not in (None, "Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (read from /proc: independent of the program under test)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(d.name))
+    return kids
+
+
+def _wait_until(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.01):
+    """Poll ``cond()`` until it is truthy; fail naming ``what`` (and if ``proc`` ended first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (rc {proc.returncode}) before {what}")
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _kill_leftovers(pids) -> None:
+    """A failed test must not leave its orphans running (they would load the next tests)."""
+    for pid in pids:
+        if _running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. pml-shard convert: workers die with their parent
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """A csv list of 1500 identical 640x480 JPEGs: ~2 s of work on 2 workers with --max-side, long
+    enough to kill the converter while its pool is busy."""
+    root = tmp_path_factory.mktemp("conv")
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((640, 480), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    (root / "im").mkdir()
+    rows = []
+    for k in range(1500):
+        (root / "im" / f"{k}.jpg").write_bytes(buf.getvalue())
+        rows.append(f"im/{k}.jpg,{'a;b' if k % 2 else 'c'}\n")
+    (root / "l.csv").write_text("path,positives\n" + "".join(rows))
+    return root / "l.csv"
+
+
+def _convert_cmd(listing: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pml_scale.data.shard", "convert", "csv", "--train", str(listing), "-j", "2",
+            "--shard-size", "16", "--max-side", "32", "-q", str(out)]
+
+
+def _start_convert_and_wait_for_pool(listing: Path, out: Path, log: Path):
+    """Start `pml-shard convert -j 2` (output to ``log``: a pipe would stay open in orphaned
+    workers), return (process, worker pids) once both workers exist and the journal shows work
+    done (the pool is busy)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_convert_cmd(listing, out), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    journal = out / ".progress.jsonl"
+
+    def busy():
+        kids = [k for k in _children(proc.pid) if _running(k)]
+        started = journal.exists() and journal.read_text().count("\n") >= 2  # 'start' + one chunk checked
+        return kids if len(kids) >= 2 and started else None
+
+    try:
+        workers = _wait_until(busy, 120, "the pool's two workers are busy", proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_converter_workers_die_with_their_parent(many_images, tmp_path, sig):
+    """kill -9 / kill -TERM to `pml-shard convert` mid-run: every pool worker stops within a second
+    (before the fix they lived on, orphaned); the rerun resumes and `pml-shard verify` passes."""
+    out = tmp_path / "out"
+    proc, workers = _start_convert_and_wait_for_pool(many_images, out, tmp_path / "log")
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout=EXIT_BOUND_S)
+        assert proc.returncode == -sig
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.02)
+        alive = [w for w in workers if _running(w)]
+        assert not alive, f"workers {alive} outlived their killed parent"
+    finally:
+        _kill_leftovers(workers)
+    assert not (out / "manifest.json").exists(), "the conversion finished before it was killed"
+    rerun = subprocess.run(_convert_cmd(many_images, out), cwd=REPO, capture_output=True, text=True,
+                           timeout=EXIT_BOUND_S * 2)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "train 1500 samples / 94 shards" in rerun.stdout
+    ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shard", "verify", "-j", "1", "-q", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=EXIT_BOUND_S * 2)
+    assert ver.returncode == 0 and "OK" in ver.stdout, ver.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_converter_ctrl_c_stops_cleanly(many_images, tmp_path):
+    """Ctrl-C in a terminal = SIGINT to the whole foreground process group (parent and workers):
+    the converter exits 130 with one line saying how to resume (no traceback from any process),
+    no worker is left, and the rerun resumes to a folder `pml-shard verify` accepts."""
+    out = tmp_path / "out"
+    proc, workers = _start_convert_and_wait_for_pool(many_images, out, tmp_path / "log")
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=EXIT_BOUND_S)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.02)
+        alive = [w for w in workers if _running(w)]
+    finally:
+        _kill_leftovers(workers)
+    err = (tmp_path / "log").read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted" in err and "rerun" in err, err[-3000:]
+    assert not alive, f"workers {alive} still running after Ctrl-C"
+    assert not (out / "manifest.json").exists(), "the conversion finished before Ctrl-C"
+    rerun = subprocess.run(_convert_cmd(many_images, out), cwd=REPO, capture_output=True, text=True,
+                           timeout=EXIT_BOUND_S * 2)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shard", "verify", "-j", "1", "-q", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=EXIT_BOUND_S * 2)
+    assert ver.returncode == 0, ver.stderr[-3000:]
