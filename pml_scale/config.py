@@ -104,6 +104,9 @@ class RunConfig(_Section):
     tensorboard: bool = True
     time_shares: bool = False  # GPU: synchronise at step-part boundaries to log exact time shares
     deterministic: bool = False
+    # SIGTERM (Slurm/Kubernetes preemption): checkpoint at the current step, exit 143; a run that
+    # cannot do so within this many seconds exits 124 without it (0: no limit)
+    preempt_grace_s: float = Field(60.0, ge=0)
 
 
 class DataConfig(_Section):

@@ -12,7 +12,8 @@ Per step, on every rank, with the host never waiting for the GPU:
   4. forward, loss (the fused Triton kernel on GPUs), DeepSpeed backward/step;
   5. ŷ goes back to pinned memory asynchronously (all-gathered first, fixed size, when every
      node's store must hold every row) and the thread writes the pseudo-label store once it landed.
-Loss statistics are read (a sync) only every ``run.log_every`` steps. Ordering of store reads and
+Loss statistics are read (a sync) only every ``run.log_every`` steps. SIGTERM (preemption) is
+handled at step boundaries: a checkpoint at the current step, then exit 143 (``preemption``). Ordering of store reads and
 writes across epochs, checkpoints and resumes: ``LabelTraffic.fence`` (see its module).
 
 Precision (``model.precision``, for ``model.dtype`` bf16/fp16): ``autocast`` (default) runs
@@ -49,6 +50,7 @@ from .data.shard import make_mask, observed_name
 from .labels import POS, ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
+from .preemption import EXIT_PREEMPTED, PreemptionGuard, Preempted
 from .stores import PseudoLabelStore, RoleEstimates
 from .tracking import Tracker
 
@@ -160,24 +162,29 @@ def make_optimizer(cfg, params):
 def run(cfg) -> dict:
     """Train and evaluate one configuration; returns the summary written to summary.json."""
     t_start = time.time()
-    dist_info, run_dir = start_run(cfg)
-    data = build_data(cfg, dist_info)
-    losses = build_loss_and_stores(cfg, dist_info, run_dir, data)
-    engine, scheduler = build_engine(cfg, dist_info, data)
-    state = restore(cfg, dist_info, run_dir, engine, losses)
-    traffic = build_label_traffic(cfg, dist_info, data, losses)
-    t = Trainer(cfg=cfg, dist_info=dist_info, run_dir=run_dir, data=data, losses=losses, engine=engine,
-                scheduler=scheduler, traffic=traffic, state=state, t_start=t_start,
-                tracker=Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard),
-                sync_debug=sync_debug_mode(dist_info))
-    summary = None
+    guard = PreemptionGuard(cfg.run.preempt_grace_s).install()  # first: a SIGTERM during startup counts
     try:
-        for epoch in range(state["epoch"], cfg.run.epochs):
-            train_epoch(t, epoch)
-            end_epoch(t, epoch)
-        summary = finish(t)
+        dist_info, run_dir = start_run(cfg)
+        data = build_data(cfg, dist_info)
+        losses = build_loss_and_stores(cfg, dist_info, run_dir, data)
+        engine, scheduler = build_engine(cfg, dist_info, data)
+        state = restore(cfg, dist_info, run_dir, engine, losses)
+        traffic = build_label_traffic(cfg, dist_info, data, losses)
+        guard.group, guard.world_size = control_group(dist_info), dist_info.world_size
+        t = Trainer(cfg=cfg, dist_info=dist_info, run_dir=run_dir, data=data, losses=losses, engine=engine,
+                    scheduler=scheduler, traffic=traffic, state=state, t_start=t_start,
+                    tracker=Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard),
+                    sync_debug=sync_debug_mode(dist_info), preempt=guard)
+        summary = None
+        try:
+            for epoch in range(state["epoch"], cfg.run.epochs):
+                train_epoch(t, epoch)
+                end_epoch(t, epoch)
+            summary = finish(t)
+        finally:
+            t.close()
     finally:
-        t.close()
+        guard.uninstall()
     return summary
 
 
@@ -236,6 +243,7 @@ class Trainer:
     t_start: float
     tracker: Tracker
     sync_debug: str
+    preempt: PreemptionGuard
 
     @property
     def ckpt_dir(self) -> Path:
@@ -421,6 +429,16 @@ def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) ->
                         momentum=cfg.pseudo.momentum, debug_dir=debug_dump_dir())
 
 
+def control_group(dist_info):
+    """A gloo group of its own for the preemption flag's per-step all-reduce (None for one rank):
+    the main thread's collectives must not interleave with the label thread's on its group."""
+    if dist_info.world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
 def sync_debug_mode(dist_info) -> str:
     """Test hook: PML_SYNC_DEBUG=warn|error turns on torch's sync debug mode around every hot-loop
     iteration (not the first step, logging steps or checkpoints, which sync on purpose); CUDA only."""
@@ -497,9 +515,17 @@ def epoch_step(t: Trainer, m: EpochMeters, epoch: int, batch, pending, batches):
     if log_now:
         log_step(t, m, epoch, stats)
     ckpt_every = cfg.run.checkpoint_every_steps
-    if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < t.data.steps_per_epoch:
+    mid_epoch = state["batch"] < t.data.steps_per_epoch  # the epoch's last step checkpoints in end_epoch
+    saved = bool(ckpt_every and state["global_step"] % ckpt_every == 0 and mid_epoch)
+    if saved:
         t.traffic.fence(barrier=False)  # the snapshot must hold every ŷ up to this step
         t.save_checkpoint(f"step{state['global_step']}")
+    if t.preempt.should_stop() and mid_epoch:
+        tag = f"step{state['global_step']}"
+        if not saved:
+            t.traffic.fence(barrier=False)
+            t.save_checkpoint(tag)
+        raise t.preempt.committed(tag)
     m.t_prev = time.perf_counter()
     return nxt, nxt_pending
 
@@ -540,6 +566,8 @@ def end_epoch(t: Trainer, epoch: int) -> None:
     if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
         t.state["last_map"] = evaluate_epoch(t, epoch)
     t.save_checkpoint(f"epoch{epoch + 1}")
+    if t.preempt.should_stop() and epoch + 1 < cfg.run.epochs:  # after the last epoch: finish instead
+        raise t.preempt.committed(f"epoch{epoch + 1}")
 
 
 def finish(t: Trainer) -> dict:
@@ -745,7 +773,11 @@ def evaluate_epoch(t: Trainer, epoch: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
-    run(cfg)
+    try:
+        run(cfg)
+    except Preempted as e:
+        print(f"[pml-scale] {e}; exit code {EXIT_PREEMPTED}", flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 

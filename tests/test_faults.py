@@ -185,3 +185,102 @@ def test_converter_ctrl_c_stops_cleanly(many_images, tmp_path):
     ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shard", "verify", "-j", "1", "-q", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=EXIT_BOUND_S * 2)
     assert ver.returncode == 0, ver.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# training runs: one uninterrupted reference, faulted runs compared with it
+
+from test_train import TRAIN, env, read_pseudo, run_train, tiny_demo, write_config  # noqa: E402,F401
+
+FAULT_RUN = {"checkpoint_every_steps": 0, "deterministic": True, "tensorboard": False}
+
+
+def _run_config(path: Path, root: Path, out: Path, **run) -> Path:
+    """The faulted runs' config: 2 epochs of 6 steps on the tiny demo, checkpoints at epoch ends
+    only (a mid-epoch checkpoint is then the fault handling's own), one log line per step."""
+    return write_config(path, root, out, run={**FAULT_RUN, **run})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_demo, tmp_path_factory):
+    """The uninterrupted run every faulted-then-resumed run must equal: (summary, pseudo store)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_train(_run_config(tmp / "c.yaml", tiny_demo, tmp / "runs"))
+    return _result(tmp / "runs" / "t", tiny_demo)
+
+
+def _result(run_dir: Path, root: Path):
+    import json
+
+    shape = np.load(root / "observed" / "PAL_0.5_s0.npy", mmap_mode="r").shape
+    return json.loads((run_dir / "summary.json").read_text()), read_pseudo(run_dir, shape)
+
+
+def _assert_same_result(run_dir: Path, root: Path, reference) -> None:
+    """Bit for bit on CPU: the final mAP and every pseudo label of the uninterrupted run."""
+    summary, pseudo = _result(run_dir, root)
+    assert summary["final_map"] == reference[0]["final_map"]
+    assert summary["best_map"] == reference[0]["best_map"]
+    np.testing.assert_array_equal(pseudo, reference[1])
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    """Steps with a train line in metrics.jsonl (log_every=1: every finished step)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if rec["kind"] == "train":
+            steps.append(rec["step"])
+    return steps
+
+
+def _start_train(config: Path, log: Path, *overrides: str) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(TRAIN), "--config", str(config), *overrides], cwd=REPO,
+                                env=env(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def _latest(run_dir: Path) -> str | None:
+    path = run_dir / "checkpoints" / "latest"
+    return path.read_text().strip() if path.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. preemption
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_demo, reference, tmp_path):
+    """SIGTERM mid-epoch (after step 2 of 6 logged): the run commits a checkpoint at the step it is
+    in, exits 143 within the grace period; the rerun resumes from that step and ends bit for bit
+    where the uninterrupted run ended."""
+    from pml_scale.preemption import EXIT_PREEMPTED
+
+    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=EXIT_BOUND_S)
+    run_dir = tmp_path / "runs" / "t"
+    proc = _start_train(cfg, tmp_path / "log")
+    try:
+        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=EXIT_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    steps = _train_steps(run_dir)
+    assert steps[-1] < 6, "the signal landed after the first epoch: not mid-epoch"
+    assert _latest(run_dir) == f"step{steps[-1]}"  # the step it was in, not an earlier one
+    assert "preempted" in log and "rerun" in log
+    assert not (run_dir / "summary.json").exists()
+    out = run_train(cfg)
+    assert f"resumed from {run_dir / 'checkpoints'} at epoch 0 batch {steps[-1]}" in out.stdout
+    _assert_same_result(run_dir, tiny_demo, reference)
