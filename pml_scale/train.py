@@ -640,7 +640,7 @@ def train_step(engine, batch, pending, loss_fn, *, traffic, cfg, epoch, in_dtype
     the caller reads them only when it logs. Rows with valid=False (padding, replacements of
     corrupt samples) take no part in the loss, the batch statistics or the stores."""
     tick = time.perf_counter()
-    labels = traffic.to_device(pending.result())
+    labels = traffic.to_device(traffic.collect(pending))
     estimates = labels.estimates.requires_grad_(True) if labels.estimates is not None else None
     tock = _share(shares, "labels", tick)
 

@@ -284,3 +284,59 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_demo, ref
     out = run_train(cfg)
     assert f"resumed from {run_dir / 'checkpoints'} at epoch 0 batch {steps[-1]}" in out.stdout
     _assert_same_result(run_dir, tiny_demo, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the label-traffic thread fails
+
+# pml-train with one store call failing for real inside the label thread: the Nth gather raises
+# (an unreadable page), or the Nth scatter writes half its rows and then raises (a write error)
+FAILING_STORE = '''
+import sys
+from pml_scale.stores import PseudoLabelStore
+from pml_scale.train import main
+
+what, nth = sys.argv[1], int(sys.argv[2])
+real = getattr(PseudoLabelStore, what)
+calls = [0]
+
+def failing(self, ids, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth:
+        if what == "scatter":  # half the rows land, then the write fails
+            half = len(ids) // 2
+            yhat, mask = args[0][:half], kwargs.pop("mask")[:half]
+            real(self, ids[:half], yhat, mask=mask, **kwargs)
+        raise OSError(5, f"injected I/O error in {what} call {nth}", str(self.path))
+    return real(self, ids, *args, **kwargs)
+
+setattr(PseudoLabelStore, what, failing)
+sys.exit(main(sys.argv[3:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["gather_numpy", "scatter"])
+def test_label_thread_failure_stops_the_run_and_commits_nothing_half_written(tiny_demo, reference, tmp_path, what):
+    """An exception inside the label thread at step 9 (epoch 2, after the epoch-1 checkpoint):
+    the main loop raises it by the next step with the thread's traceback, the run exits non-zero
+    in bounded time, no checkpoint is committed after it, and the rerun (half-written rows
+    discarded with the live store) ends bit for bit where the uninterrupted run ended."""
+    nth = 9  # one gather and one scatter per step: call 9 belongs to step 9
+    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "t"
+    proc = subprocess.run([sys.executable, "-c", FAILING_STORE, what, str(nth), "--config", str(cfg)], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert f"injected I/O error in {what} call {nth}" in err, err[-3000:]
+    assert "label_traffic.py" in err and ("_scatter" in err if what == "scatter" else "_gather" in err), err[-3000:]
+    assert "LabelTrafficError: the label thread failed in the " in err, err[-3000:]
+    steps = _train_steps(run_dir)
+    # raised by the step after the one that queued the failed task: gather 9 is queued in step 8
+    # (one ahead), scatter 9 in step 9 and raised in step 10, before its log line
+    assert steps[-1] in ((nth - 2, nth - 1) if what == "gather_numpy" else (nth,)), steps
+    assert _latest(run_dir) == "epoch1"
+    out = run_train(cfg)
+    assert "at epoch 1 batch 0" in out.stdout
+    _assert_same_result(run_dir, tiny_demo, reference)
