@@ -262,11 +262,20 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_demo, ref
     """SIGTERM mid-epoch (after step 2 of 6 logged): the run commits a checkpoint at the step it is
     in, exits 143 within the grace period; the rerun resumes from that step and ends bit for bit
     where the uninterrupted run ended."""
-    from pml_scale.preemption import EXIT_PREEMPTED
-
     cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=EXIT_BOUND_S)
     run_dir = tmp_path / "runs" / "t"
-    proc = _start_train(cfg, tmp_path / "log")
+    step = _preempt_mid_epoch(cfg, run_dir, tmp_path / "log")
+    out = run_train(cfg)
+    assert f"resumed from {run_dir / 'checkpoints'} at epoch 0 batch {step}" in out.stdout
+    _assert_same_result(run_dir, tiny_demo, reference)
+
+
+def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path) -> int:
+    """Start a run, SIGTERM it once two steps are logged; check it exited 143 within the bound with
+    a checkpoint at the step it was in (mid first epoch). Returns that step."""
+    from pml_scale.preemption import EXIT_PREEMPTED
+
+    proc = _start_train(cfg, log)
     try:
         _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
         proc.send_signal(signal.SIGTERM)
@@ -274,16 +283,14 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_demo, ref
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = (tmp_path / "log").read_text()
-    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    text = log.read_text()
+    assert proc.returncode == EXIT_PREEMPTED, text[-3000:]
     steps = _train_steps(run_dir)
     assert steps[-1] < 6, "the signal landed after the first epoch: not mid-epoch"
     assert _latest(run_dir) == f"step{steps[-1]}"  # the step it was in, not an earlier one
-    assert "preempted" in log and "rerun" in log
+    assert "preempted" in text and "rerun" in text
     assert not (run_dir / "summary.json").exists()
-    out = run_train(cfg)
-    assert f"resumed from {run_dir / 'checkpoints'} at epoch 0 batch {steps[-1]}" in out.stdout
-    _assert_same_result(run_dir, tiny_demo, reference)
+    return steps[-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,3 +347,83 @@ def test_label_thread_failure_stops_the_run_and_commits_nothing_half_written(tin
     out = run_train(cfg)
     assert "at epoch 1 batch 0" in out.stdout
     _assert_same_result(run_dir, tiny_demo, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. disk full while writing a checkpoint or a store snapshot
+
+
+def _file_size_limit(nbytes: int):
+    """preexec_fn: no file of the child may grow beyond ``nbytes`` (writes fail with EFBIG; Python
+    ignores SIGXFSZ): a full disk for one process, without root or a mount."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
+
+    return limit
+
+
+def _digests(folder: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_checkpoint_that_does_not_fit_keeps_the_previous_one(tiny_demo, reference, tmp_path):
+    """A committed step checkpoint (preemption), then a run whose files may not exceed 4 MB: the
+    epoch-1 checkpoint (an 8 MB model file) fails. The error names the file, the bytes needed and
+    free; the previous checkpoint is untouched and still `latest`, the cut one is gone; the rerun
+    with room resumes from it and ends bit for bit where the uninterrupted run ended."""
+    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "t"
+    step = _preempt_mid_epoch(cfg, run_dir, tmp_path / "log")
+    prev = run_dir / "checkpoints" / f"step{step}"
+    before = _digests(prev)
+    needed = sum(p.stat().st_size for p in prev.iterdir())
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(4 << 20))
+    err = proc.stderr
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "CheckpointWriteError: checkpoint epoch1 not written" in err, err[-3000:]
+    model_file = prev / "mp_rank_00_model_states.pt"
+    assert f"writing {run_dir / 'checkpoints' / 'epoch1' / model_file.name} failed (File too large" in err, err[-3000:]
+    assert f"it needs {model_file.stat().st_size / 2**20:.1f} MiB" in err, err[-3000:]
+    assert f"the whole checkpoint needs about {needed / 2**20:.1f} MiB ({needed} bytes)" in err, err[-3000:]
+    assert "free there" in err and f"{prev} is intact" in err, err[-3000:]
+    assert _latest(run_dir) == f"step{step}" and _digests(prev) == before
+    assert not (run_dir / "checkpoints" / "epoch1").exists()
+    out = run_train(cfg)
+    assert f"at epoch 0 batch {step}" in out.stdout
+    _assert_same_result(run_dir, tiny_demo, reference)
+
+
+SNAPSHOT_UNDER_LIMIT = """
+import sys
+from pml_scale.stores import PseudoLabelStore
+store = PseudoLabelStore(sys.argv[1], 96, 80, create=False)
+store.snapshot(sys.argv[2])
+"""
+
+
+def test_store_snapshot_that_does_not_fit_names_file_and_bytes(tmp_path):
+    """The pseudo store's snapshot (15 KiB) under a 4 KiB file size limit: the error names the
+    snapshot file and the 15360 bytes it needs, nothing is left at its path; with room it works."""
+    import torch
+
+    from pml_scale.stores import PseudoLabelStore
+
+    store = PseudoLabelStore(tmp_path / "pseudo.f16", 96, 80, create=True)
+    store.scatter(torch.arange(96), torch.full((96, 80), 0.75))
+    store.flush()
+    dst = tmp_path / "ckpt" / "pseudo.f16"
+    dst.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SNAPSHOT_UNDER_LIMIT, str(store.path), str(dst)], cwd=REPO,
+                          capture_output=True, text=True, timeout=EXIT_BOUND_S, preexec_fn=_file_size_limit(4096))
+    assert proc.returncode != 0
+    assert f"WriteFailed: writing the pseudo store snapshot {dst} failed (File too large: files may not exceed " \
+           f"4.0 KiB (4096 bytes) here (ulimit -f)): it needs 15.0 KiB (15360 bytes)" in proc.stderr, proc.stderr[-3000:]
+    assert list(dst.parent.iterdir()) == []  # no partial snapshot, no temp file
+    store.snapshot(dst)
+    assert dst.read_bytes() == store.path.read_bytes()
