@@ -42,6 +42,7 @@ from . import checkpoint
 from .atomic import atomic_write_json
 from .config import deepspeed_config, load_config, parse_cli, save_resolved
 from .data.format import labels_name, read_manifest
+from .data.drift import changed_shards, record_shards, shard_change_error
 from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
 from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
@@ -402,6 +403,7 @@ def restore(cfg, dist_info, run_dir: Path, engine, losses: LossAndStores) -> dic
     """The resumable state: fresh, or the latest checkpoint's (engine and stores loaded in place),
     so that a killed run goes on at the batch after its last checkpoint."""
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
+    check_shards(cfg, dist_info, run_dir, resuming=losses.resuming)
     if losses.resuming:
         ckpt_dir = checkpoint_dir(run_dir)
         client = checkpoint.load(engine, ckpt_dir, stores=losses.stores, dist_info=dist_info, per_node=losses.per_node)
@@ -409,6 +411,22 @@ def restore(cfg, dist_info, run_dir: Path, engine, losses: LossAndStores) -> dic
         if dist_info.is_main:
             print(f"[pml-scale] resumed from {ckpt_dir} at epoch {state['epoch']} batch {state['batch']}", flush=True)
     return state
+
+
+def check_shards(cfg, dist_info, run_dir: Path, *, resuming: bool) -> None:
+    """Fresh run: record the shards it reads; resumed run: fail naming every shard whose bytes
+    changed since (``data.drift``). Rank 0 looks, every rank gets the verdict."""
+    problems = None
+    if dist_info.is_main:
+        manifest = read_manifest(cfg.data.root)
+        splits = (cfg.data.train_split, cfg.data.test_split)
+        if resuming:
+            problems = changed_shards(run_dir, cfg.data.root, manifest, splits)
+        else:
+            record_shards(run_dir, cfg.data.root, manifest, splits)
+    problems = broadcast_object(problems)
+    if problems:
+        raise shard_change_error(problems, cfg.data.root)
 
 
 def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) -> LabelTraffic:

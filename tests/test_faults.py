@@ -427,3 +427,54 @@ def test_store_snapshot_that_does_not_fit_names_file_and_bytes(tmp_path):
     assert list(dst.parent.iterdir()) == []  # no partial snapshot, no temp file
     store.snapshot(dst)
     assert dst.read_bytes() == store.path.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. a shard truncated or replaced under a run
+
+
+@pytest.mark.slow
+def test_shard_changed_under_a_run(tiny_demo, tmp_path):
+    """A train shard truncated while the run trains: its lost samples are reported with shard and
+    key, replaced and counted, the run finishes. Resuming (one more epoch) then names the shard:
+    truncated (size differs from the manifest), or overwritten with the same size (sha256
+    differs); once its original bytes are back (a new mtime) the run resumes."""
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root)
+    shard = root / "train-000001.tar"
+    original = shard.read_bytes()
+    cfg = _run_config(tmp_path / "c.yaml", root, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "t"
+    proc = _start_train(cfg, tmp_path / "log")
+    try:
+        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
+        with open(shard, "r+b") as f:  # in place, as a failing disk or a careless rsync would
+            f.truncate(len(original) // 2)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "skipping bad sample: shard train-000001.tar, key 00000000" in log, log[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_samples"] > 0
+
+    def resume_fails() -> str:
+        p = subprocess.run([sys.executable, str(TRAIN), "--config", str(cfg), "run.epochs=3"], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=EXIT_BOUND_S * 3)
+        assert p.returncode != 0, p.stdout[-2000:]
+        return p.stderr
+
+    err = resume_fails()
+    assert f"{shard}: shard is {len(original) // 2} bytes, the manifest says {len(original)}" in err, err[-3000:]
+    tampered = bytearray(original)
+    tampered[len(original) // 2] ^= 0xFF  # same size, one byte inside an image changed
+    shard.write_bytes(bytes(tampered))
+    err = resume_fails()
+    assert "ShardChangedError: 1 shard(s)" in err and f"{shard}: sha256 " in err, err[-3000:]
+    shard.write_bytes(original)  # the original bytes, with a new mtime: no false alarm
+    out = run_train(cfg, "run.epochs=3")
+    assert "at epoch 2 batch 0" in out.stdout
