@@ -45,7 +45,7 @@ from .data.format import labels_name, read_manifest
 from .data.drift import changed_shards, record_shards, shard_change_error
 from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
-from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
+from .distributed import barrier, broadcast_buffers, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
 from .labels import POS, ObservedLabels, class_prior, label_stats, parse_setting
@@ -171,7 +171,7 @@ def run(cfg) -> dict:
         engine, scheduler = build_engine(cfg, dist_info, data)
         state = restore(cfg, dist_info, run_dir, engine, losses)
         traffic = build_label_traffic(cfg, dist_info, data, losses)
-        guard.group, guard.world_size = control_group(dist_info), dist_info.world_size
+        guard.group, guard.world_size = control_group(cfg, dist_info), dist_info.world_size
         t = Trainer(cfg=cfg, dist_info=dist_info, run_dir=run_dir, data=data, losses=losses, engine=engine,
                     scheduler=scheduler, traffic=traffic, state=state, t_start=t_start,
                     tracker=Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard),
@@ -278,7 +278,7 @@ def start_run(cfg):
     if not cfg.data.root:
         raise ValueError("data.root is not set: point it at a dataset folder made by `pml-shard convert` "
                          "(or set data.build_demo=true to build the embedded demo dataset there)")
-    dist_info = setup_distributed()
+    dist_info = setup_distributed(cfg.run.dist_timeout_s)
     disable_deepspeed_cpu_shm_op()
     import deepspeed  # noqa: F401  (imported once the shm op is disabled; build_engine uses it)
 
@@ -433,11 +433,7 @@ def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) ->
     """Label gathers and store writes on a background thread. Made after restore, so its first
     gather reads the restored stores; its collectives (α/β counts, fences) use their own gloo group,
     so they never interleave with the main thread's."""
-    label_group = None
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        label_group = dist.new_group(backend="gloo")
+    label_group = gloo_group(cfg) if dist_info.world_size > 1 else None
     per_node = losses.per_node
     return LabelTraffic(observed=data.observed, pseudo_store=losses.pseudo_store, role_store=losses.role_store,
                         device=dist_info.device, counts_fn=batch_label_counts(losses.loss_fn),
@@ -447,14 +443,20 @@ def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) ->
                         momentum=cfg.pseudo.momentum, debug_dir=debug_dump_dir())
 
 
-def control_group(dist_info):
+def control_group(cfg, dist_info):
     """A gloo group of its own for the preemption flag's per-step all-reduce (None for one rank):
     the main thread's collectives must not interleave with the label thread's on its group."""
-    if dist_info.world_size == 1:
-        return None
+    return gloo_group(cfg) if dist_info.world_size > 1 else None
+
+
+def gloo_group(cfg):
+    """A new gloo group (a collective: every rank calls it in the same order), its collectives
+    bounded by run.dist_timeout_s like the default group's (new groups otherwise wait 30 min)."""
+    import datetime
+
     import torch.distributed as dist
 
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.run.dist_timeout_s))
 
 
 def sync_debug_mode(dist_info) -> str:
@@ -760,6 +762,7 @@ def evaluate_epoch(t: Trainer, epoch: int) -> float:
         t.engine, t.data.eval_loader, t.cfg, t.tracker, t.run_dir, t.dist_info, t.state)
     test_labels, full_train, manifest, num_labels = (
         t.data.test_labels, t.data.full_train, t.data.manifest, t.data.num_labels)
+    broadcast_buffers(engine.module)  # one set of BatchNorm statistics for the whole test set
     bar = tracker.progress(eval_loader.batches_per_epoch, "eval")
     scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar,
                           prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))

@@ -10,6 +10,7 @@ within ``EXIT_BOUND_S`` seconds of the fault; no other timing is asserted.
 from __future__ import annotations
 
 import io
+import re
 import os
 import signal
 import subprocess
@@ -149,6 +150,8 @@ def test_converter_workers_die_with_their_parent(many_images, tmp_path, sig):
     finally:
         _kill_leftovers(workers)
     assert not (out / "manifest.json").exists(), "the conversion finished before it was killed"
+    if sig != signal.SIGKILL:  # the same death for the workers: resuming is checked once
+        return
     rerun = subprocess.run(_convert_cmd(many_images, out), cwd=REPO, capture_output=True, text=True,
                            timeout=EXIT_BOUND_S * 2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -344,6 +347,8 @@ def test_label_thread_failure_stops_the_run_and_commits_nothing_half_written(tin
     # (one ahead), scatter 9 in step 9 and raised in step 10, before its log line
     assert steps[-1] in ((nth - 2, nth - 1) if what == "gather_numpy" else (nth,)), steps
     assert _latest(run_dir) == "epoch1"
+    if what != "scatter":  # only a scatter writes rows: resuming past a failed gather is the kill test's
+        return
     out = run_train(cfg)
     assert "at epoch 1 batch 0" in out.stdout
     _assert_same_result(run_dir, tiny_demo, reference)
@@ -478,3 +483,65 @@ def test_shard_changed_under_a_run(tiny_demo, tmp_path):
     shard.write_bytes(original)  # the original bytes, with a new mtime: no false alarm
     out = run_train(cfg, "run.epochs=3")
     assert "at epoch 2 batch 0" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. a rank dies
+
+
+def _torchrun(config: Path, *overrides: str) -> list[str]:
+    from test_train import _free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), str(TRAIN), "--config", str(config), *overrides]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_and_it_resumes_exactly(tiny_demo, tmp_path):
+    """torchrun, 2 gloo ranks, a step checkpoint every 2 steps: kill -9 of rank 1 once step 2 is
+    committed. The surviving rank and torchrun exit non-zero within the bound (no hang at a
+    collective), naming rank 1; the committed checkpoint is intact and the rerun ends bit for
+    bit where an uninterrupted 2-rank run ends."""
+    ref_cfg = _run_config(tmp_path / "ref.yaml", tiny_demo, tmp_path / "ref", checkpoint_every_steps=2)
+    ref = subprocess.run(_torchrun(ref_cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = _result(tmp_path / "ref" / "t", tiny_demo)
+
+    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", checkpoint_every_steps=2)
+    run_dir = tmp_path / "runs" / "t"
+    with open(tmp_path / "log", "w") as f:
+        proc = subprocess.Popen(_torchrun(cfg), cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    ranks = {}
+    try:
+        _wait_until(lambda: _latest(run_dir) == "step2", 300, "checkpoint step2", proc)
+        ranks = {_rank_of(k): k for k in _children(proc.pid)}
+        assert set(ranks) >= {0, 1}, ranks
+        committed = _digests(run_dir / "checkpoints" / "step2")
+        os.kill(ranks[1], signal.SIGKILL)
+        t_kill = time.monotonic()
+        proc.wait(timeout=EXIT_BOUND_S)
+        _wait_until(lambda: not _running(ranks[0]), EXIT_BOUND_S - (time.monotonic() - t_kill), "rank 0 exits")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_leftovers(ranks.values())
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode != 0
+    assert not (run_dir / "summary.json").exists(), "the run finished before rank 1 was killed"
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", log) and "SIGKILL" in log, log[-3000:]
+    latest = _latest(run_dir)
+    if latest == "step2":  # a later checkpoint may have been committed before the kill landed
+        assert _digests(run_dir / "checkpoints" / "step2") == committed
+    out = subprocess.run(_torchrun(cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout
+    _assert_same_result(run_dir, tiny_demo, reference)
