@@ -505,18 +505,55 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
+TWO_RANKS = {"batch_size": 8}  # 2 x 8 per step: 6 steps per epoch, as the single-rank runs
+
+
+@pytest.fixture(scope="module")
+def reference2(tiny_demo, tmp_path_factory):
+    """The uninterrupted 2-rank run (torchrun, gloo) the faulted 2-rank runs must equal."""
+    tmp = tmp_path_factory.mktemp("reference2")
+    cfg = write_config(tmp / "c.yaml", tiny_demo, tmp / "runs", run=FAULT_RUN, data=TWO_RANKS)
+    proc = subprocess.run(_torchrun(cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _result(tmp / "runs" / "t", tiny_demo)
+
+
 @pytest.mark.slow
-def test_a_killed_rank_stops_the_job_and_it_resumes_exactly(tiny_demo, tmp_path):
+def test_sigterm_to_two_ranks_stops_both_at_the_same_step(tiny_demo, reference2, tmp_path):
+    """SIGTERM to torchrun mid-epoch (it passes it to both ranks, which get it at different moments):
+    the ranks agree on one step, commit one checkpoint there and exit 143 (each rank says so);
+    the rerun ends bit for bit where the uninterrupted 2-rank run ends."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", run=FAULT_RUN, data=TWO_RANKS)
+    run_dir = tmp_path / "runs" / "t"
+    with open(tmp_path / "log", "w") as f:
+        proc = subprocess.Popen(_torchrun(cfg), cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=EXIT_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    steps = _train_steps(run_dir)
+    assert steps[-1] < 6, "the signal landed after the first epoch: not mid-epoch"
+    assert _latest(run_dir) == f"step{steps[-1]}", log[-3000:]
+    assert log.count(f"preempted (SIGTERM): checkpoint step{steps[-1]} committed") == 2, log[-3000:]
+    out = subprocess.run(_torchrun(cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at epoch 0 batch {steps[-1]}" in out.stdout
+    _assert_same_result(run_dir, tiny_demo, reference2)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_and_it_resumes_exactly(tiny_demo, reference2, tmp_path):
     """torchrun, 2 gloo ranks, a step checkpoint every 2 steps: kill -9 of rank 1 once step 2 is
     committed. The surviving rank and torchrun exit non-zero within the bound (no hang at a
     collective), naming rank 1; the committed checkpoint is intact and the rerun ends bit for
     bit where an uninterrupted 2-rank run ends."""
-    ref_cfg = _run_config(tmp_path / "ref.yaml", tiny_demo, tmp_path / "ref", checkpoint_every_steps=2)
-    ref = subprocess.run(_torchrun(ref_cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = _result(tmp_path / "ref" / "t", tiny_demo)
-
-    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", checkpoint_every_steps=2)
+    reference = reference2
+    cfg = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", run={**FAULT_RUN, "checkpoint_every_steps": 2},
+                       data=TWO_RANKS)
     run_dir = tmp_path / "runs" / "t"
     with open(tmp_path / "log", "w") as f:
         proc = subprocess.Popen(_torchrun(cfg), cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
