@@ -245,10 +245,10 @@ def _train_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def _start_train(config: Path, log: Path, *overrides: str) -> subprocess.Popen:
+def _start_train(config: Path, log: Path, *overrides: str, session: bool = False) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, str(TRAIN), "--config", str(config), *overrides], cwd=REPO,
-                                env=env(), stdout=f, stderr=subprocess.STDOUT)
+                                env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=session)
 
 
 def _latest(run_dir: Path) -> str | None:
@@ -262,26 +262,32 @@ def _latest(run_dir: Path) -> str | None:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_demo, reference, tmp_path):
-    """SIGTERM mid-epoch (after step 2 of 6 logged): the run commits a checkpoint at the step it is
-    in, exits 143 within the grace period; the rerun resumes from that step and ends bit for bit
+    """SIGTERM mid-epoch (after step 2 of 6 logged) to the whole process group, as Slurm sends it
+    (the trainer and its DataLoader worker): the run commits a checkpoint at the step it is in,
+    exits 143 within the grace period; the rerun resumes from that step and ends bit for bit
     where the uninterrupted run ended."""
-    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=EXIT_BOUND_S)
+    cfg = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", data={"workers": 1},
+                       run={**FAULT_RUN, "preempt_grace_s": EXIT_BOUND_S})
     run_dir = tmp_path / "runs" / "t"
-    step = _preempt_mid_epoch(cfg, run_dir, tmp_path / "log")
+    step = _preempt_mid_epoch(cfg, run_dir, tmp_path / "log", group=True)
     out = run_train(cfg)
     assert f"resumed from {run_dir / 'checkpoints'} at epoch 0 batch {step}" in out.stdout
     _assert_same_result(run_dir, tiny_demo, reference)
 
 
-def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path) -> int:
-    """Start a run, SIGTERM it once two steps are logged; check it exited 143 within the bound with
-    a checkpoint at the step it was in (mid first epoch). Returns that step."""
+def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path, group: bool = False) -> int:
+    """Start a run, SIGTERM it (or its whole process group) once two steps are logged; check it
+    exited 143 within the bound with a checkpoint at the step it was in (mid first epoch).
+    Returns that step."""
     from pml_scale.preemption import EXIT_PREEMPTED
 
-    proc = _start_train(cfg, log)
+    proc = _start_train(cfg, log, session=group)
     try:
         _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=EXIT_BOUND_S)
     finally:
         if proc.poll() is None:
