@@ -135,7 +135,8 @@ def _start_convert_and_wait_for_pool(listing: Path, out: Path, log: Path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_converter_workers_die_with_their_parent(many_images, tmp_path, sig):
     """kill -9 / kill -TERM to `pml-shard convert` mid-run: every pool worker stops within a second
-    (before the fix they lived on, orphaned); the rerun resumes and `pml-shard verify` passes."""
+    (before the fix they lived on, orphaned); after kill -9 the rerun resumes and `pml-shard
+    verify` passes (SIGTERM kills the converter the same way: its rerun is not repeated)."""
     out = tmp_path / "out"
     proc, workers = _start_convert_and_wait_for_pool(many_images, out, tmp_path / "log")
     try:
@@ -588,3 +589,25 @@ def test_a_killed_rank_stops_the_job_and_it_resumes_exactly(tiny_demo, reference
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
     _assert_same_result(run_dir, tiny_demo, reference)
+
+
+@pytest.mark.slow
+def test_preemption_past_the_grace_period_exits_without_a_checkpoint(tiny_demo, tmp_path):
+    """A grace period too short for any checkpoint (1 ms): the run exits 124 at its end instead of
+    overstaying (the scheduler's SIGKILL would follow), saying so, and commits nothing."""
+    from pml_scale.preemption import EXIT_GRACE_EXCEEDED
+
+    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=0.001)
+    run_dir = tmp_path / "runs" / "t"
+    proc = _start_train(cfg, tmp_path / "log")
+    try:
+        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=EXIT_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode == EXIT_GRACE_EXCEEDED, log[-3000:]
+    assert "no checkpoint within run.preempt_grace_s=0.001 s" in log, log[-3000:]
+    assert _latest(run_dir) is None
