@@ -584,6 +584,7 @@ def end_epoch(t: Trainer, epoch: int) -> None:
     checkpoint, which thus holds the evaluation's best_map/last_map."""
     cfg = t.cfg
     if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
+        broadcast_buffers(t.engine.module)  # one set of BatchNorm statistics for every rank's share
         t.state["last_map"] = evaluate_epoch(t, epoch)
     t.save_checkpoint(f"epoch{epoch + 1}")
     if t.preempt.should_stop() and epoch + 1 < cfg.run.epochs:  # after the last epoch: finish instead
@@ -762,7 +763,6 @@ def evaluate_epoch(t: Trainer, epoch: int) -> float:
         t.engine, t.data.eval_loader, t.cfg, t.tracker, t.run_dir, t.dist_info, t.state)
     test_labels, full_train, manifest, num_labels = (
         t.data.test_labels, t.data.full_train, t.data.manifest, t.data.num_labels)
-    broadcast_buffers(engine.module)  # one set of BatchNorm statistics for the whole test set
     bar = tracker.progress(eval_loader.batches_per_epoch, "eval")
     scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar,
                           prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
