@@ -68,7 +68,7 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PARENT_POLL_S = 0.2
 
 
-def _worker_init(parent_pid: int) -> None:
+def pool_worker_init(parent_pid: int) -> None:
     """Pool initializer: die with the parent, and leave Ctrl-C to it (a terminal sends SIGINT to
     the whole process group; the parent stops the pool, the workers must not print tracebacks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -346,7 +346,7 @@ def convert(source: Source, out, *, workers: int = 1, shard_size: int = 1000, ma
         written = {(e["split"], e["info"]["name"]): e["info"] for e in events if e.get("event") == "shard"}
         pool = None
         if workers > 1:
-            pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+            pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_init, initargs=(os.getpid(),))
         try:
             _check_phase(source, shard_size, allow_convert, strict, checked, journal, workers, pool, progress)
             plan = _plan(source, shard_size, checked)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_path, atomic_write_json
 from . import images
-from .convert import ConvertError, convert
+from .convert import ConvertError, pool_worker_init, convert
 from .format import DALI_INDEX_VERSION, index_name_for, labels_name, read_manifest, sample_key, decode_id, \
     file_sha256
 from .sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
@@ -163,7 +163,7 @@ def verify(folder, *, workers: int = 1, decode: bool = True, progress: bool = Fa
         bar.update(job[1]["count"])
 
     if workers > 1:
-        with cf.ProcessPoolExecutor(workers) as pool:
+        with cf.ProcessPoolExecutor(workers, initializer=pool_worker_init, initargs=(os.getpid(),)) as pool:
             futs = {pool.submit(_verify_shard, str(folder), s, info, lp, L, decode): (s, info, lp)
                     for s, info, lp in jobs}
             for fut in cf.as_completed(futs):
