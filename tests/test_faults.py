@@ -9,9 +9,12 @@ within ``EXIT_BOUND_S`` seconds of the fault; no other timing is asserted.
 
 from __future__ import annotations
 
+import hashlib
 import io
-import re
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from test_train import TRAIN, _free_port, env, read_pseudo, run_train, tiny_demo, write_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_BOUND_S = 60
@@ -194,8 +199,6 @@ def test_converter_ctrl_c_stops_cleanly(many_images, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # training runs: one uninterrupted reference, faulted runs compared with it
 
-from test_train import TRAIN, env, read_pseudo, run_train, tiny_demo, write_config  # noqa: E402,F401
-
 FAULT_RUN = {"checkpoint_every_steps": 0, "deterministic": True, "tensorboard": False}
 
 
@@ -214,8 +217,6 @@ def reference(tiny_demo, tmp_path_factory):
 
 
 def _result(run_dir: Path, root: Path):
-    import json
-
     shape = np.load(root / "observed" / "PAL_0.5_s0.npy", mmap_mode="r").shape
     return json.loads((run_dir / "summary.json").read_text()), read_pseudo(run_dir, shape)
 
@@ -230,8 +231,6 @@ def _assert_same_result(run_dir: Path, root: Path, reference) -> None:
 
 def _train_steps(run_dir: Path) -> list[int]:
     """Steps with a train line in metrics.jsonl (log_every=1: every finished step)."""
-    import json
-
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -301,6 +300,28 @@ def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path, group: bool = False)
     assert "preempted" in text and "rerun" in text
     assert not (run_dir / "summary.json").exists()
     return steps[-1]
+
+
+@pytest.mark.slow
+def test_preemption_past_the_grace_period_exits_without_a_checkpoint(tiny_demo, tmp_path):
+    """A grace period too short for any checkpoint (1 ms): the run exits 124 at its end instead of
+    overstaying (the scheduler's SIGKILL would follow), saying so, and commits nothing."""
+    from pml_scale.preemption import EXIT_GRACE_EXCEEDED
+
+    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=0.001)
+    run_dir = tmp_path / "runs" / "t"
+    proc = _start_train(cfg, tmp_path / "log")
+    try:
+        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=EXIT_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode == EXIT_GRACE_EXCEEDED, log[-3000:]
+    assert "no checkpoint within run.preempt_grace_s=0.001 s" in log, log[-3000:]
+    assert _latest(run_dir) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +398,6 @@ def _file_size_limit(nbytes: int):
 
 
 def _digests(folder: Path) -> dict:
-    import hashlib
-
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
@@ -451,9 +470,6 @@ def test_shard_changed_under_a_run(tiny_demo, tmp_path):
     key, replaced and counted, the run finishes. Resuming (one more epoch) then names the shard:
     truncated (size differs from the manifest), or overwritten with the same size (sha256
     differs); once its original bytes are back (a new mtime) the run resumes."""
-    import json
-    import shutil
-
     root = tmp_path / "data"
     shutil.copytree(tiny_demo, root)
     shard = root / "train-000001.tar"
@@ -493,12 +509,10 @@ def test_shard_changed_under_a_run(tiny_demo, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. a rank dies
+# 2 ranks (torchrun, gloo): SIGTERM to the job (case 1), and 2. a rank dies
 
 
 def _torchrun(config: Path, *overrides: str) -> list[str]:
-    from test_train import _free_port
-
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
             str(_free_port()), str(TRAIN), "--config", str(config), *overrides]
 
@@ -558,7 +572,6 @@ def test_a_killed_rank_stops_the_job_and_it_resumes_exactly(tiny_demo, reference
     committed. The surviving rank and torchrun exit non-zero within the bound (no hang at a
     collective), naming rank 1; the committed checkpoint is intact and the rerun ends bit for
     bit where an uninterrupted 2-rank run ends."""
-    reference = reference2
     cfg = write_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", run={**FAULT_RUN, "checkpoint_every_steps": 2},
                        data=TWO_RANKS)
     run_dir = tmp_path / "runs" / "t"
@@ -588,26 +601,5 @@ def test_a_killed_rank_stops_the_job_and_it_resumes_exactly(tiny_demo, reference
     out = subprocess.run(_torchrun(cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
-    _assert_same_result(run_dir, tiny_demo, reference)
+    _assert_same_result(run_dir, tiny_demo, reference2)
 
-
-@pytest.mark.slow
-def test_preemption_past_the_grace_period_exits_without_a_checkpoint(tiny_demo, tmp_path):
-    """A grace period too short for any checkpoint (1 ms): the run exits 124 at its end instead of
-    overstaying (the scheduler's SIGKILL would follow), saying so, and commits nothing."""
-    from pml_scale.preemption import EXIT_GRACE_EXCEEDED
-
-    cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=0.001)
-    run_dir = tmp_path / "runs" / "t"
-    proc = _start_train(cfg, tmp_path / "log")
-    try:
-        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=EXIT_BOUND_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = (tmp_path / "log").read_text()
-    assert proc.returncode == EXIT_GRACE_EXCEEDED, log[-3000:]
-    assert "no checkpoint within run.preempt_grace_s=0.001 s" in log, log[-3000:]
-    assert _latest(run_dir) is None
