@@ -20,8 +20,9 @@ torch.autocast inside DeepSpeed's forward (its ``torch_autocast`` section) with 
 weights in channels_last; ``deepspeed`` runs DeepSpeed's bf16/fp16 mode (half-precision weights,
 NCHW because DeepSpeed broadcasts and flattens parameters as raw bytes).
 
-What grows with what: host memory-maps of N×L int8 (observed) and N×L fp16 (pseudo) per node;
-per-step traffic B·L per rank; checkpoint size = model + optimizer + N×L×2 bytes of pseudo labels.
+What grows with what: host memory-maps of N×L int8 (observed, dense) or its listed entries (CSR,
+13 B each) and N×L fp16 (pseudo) per node; per-step traffic B·L per rank; checkpoint size =
+model + optimizer + N×L×2 bytes of pseudo labels.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ import torch
 from . import checkpoint
 from .atomic import atomic_write_json
 from .config import deepspeed_config, load_config, parse_cli, save_resolved
-from .data.format import labels_name, read_manifest
+from .data.format import labels_path, open_labels, read_manifest
 from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
 from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
-from .labels import POS, ObservedLabels, class_prior, label_stats, parse_setting
+from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
 from .stores import PseudoLabelStore, RoleEstimates
@@ -79,7 +80,7 @@ def observed_path(cfg) -> Path:
     name, ratio = parse_setting(cfg.data.setting)
     root = Path(cfg.data.root)
     if name in ("FAL", "NATIVE"):
-        return root / labels_name(cfg.data.train_split)
+        return labels_path(root, cfg.data.train_split)
     stem = root / "observed" / observed_name(name, ratio, cfg.data.setting_seed)
     csr = stem.with_name(stem.name + ".npz")
     return csr if csr.exists() else stem.with_name(stem.name + ".npy")
@@ -92,17 +93,16 @@ def ensure_observed(cfg, dist_info) -> ObservedLabels:
             raise FileNotFoundError(f"data.observed={cfg.data.observed!r} does not exist")
         if dist_info.is_local_main and not path.exists():
             print(f"[pml-scale] drawing observed labels {path.name} ({cfg.data.setting}, seed "
-                  f"{cfg.data.setting_seed}) from {labels_name(cfg.data.train_split)}", flush=True)
+                  f"{cfg.data.setting_seed}) from {labels_path(cfg.data.root, cfg.data.train_split).name}",
+                  flush=True)
             make_mask(cfg.data.root, cfg.data.setting, seed=cfg.data.setting_seed, split=cfg.data.train_split)
         barrier()
     return ObservedLabels.load(path)
 
 
-def expected_positives(full_train: np.ndarray, chunk: int = 65536) -> float:
-    total = 0
-    for start in range(0, full_train.shape[0], chunk):
-        total += int((np.asarray(full_train[start:start + chunk]) == POS).sum())
-    return total / max(full_train.shape[0], 1)
+def expected_positives(full_train: ObservedLabels) -> float:
+    """Positives per training image (dense: block by block; CSR: from the listed entries)."""
+    return int(full_train.positives_per_class().sum()) / max(full_train.num_samples, 1)
 
 
 def make_loader(cfg, split: str, *, train: bool, dist_info, batch_size: int):
@@ -187,8 +187,8 @@ class RunData:
     loaders, already checked against each other."""
     manifest: dict
     num_labels: int
-    full_train: np.ndarray
-    test_labels: np.ndarray
+    full_train: ObservedLabels  # dense memmap or CSR: never N × L in memory
+    test_labels: ObservedLabels
     observed: ObservedLabels
     train_loader: Any
     eval_loader: Any
@@ -293,8 +293,8 @@ def build_data(cfg, dist_info) -> RunData:
     manifest = ensure_dataset(cfg, dist_info)
     root = Path(cfg.data.root)
     num_labels = int(manifest["num_classes"])
-    full_train = np.load(root / labels_name(cfg.data.train_split), mmap_mode="r")
-    test_labels = np.load(root / labels_name(cfg.data.test_split), mmap_mode="r")
+    full_train = open_labels(root, cfg.data.train_split, manifest)
+    test_labels = open_labels(root, cfg.data.test_split, manifest)
     observed = ensure_observed(cfg, dist_info)
     num_train = observed.num_samples
     if observed.num_labels != num_labels:
@@ -725,9 +725,7 @@ def evaluate_epoch(t: Trainer, epoch: int) -> float:
                     num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
         print(f"[pml-scale] epoch {epoch + 1}: mAP {100 * m_ap:.2f} on {n} test images", flush=True)
         if cfg.eval.save_per_class:
-            freq = np.zeros(num_labels, np.int64)
-            for start in range(0, full_train.shape[0], 65536):
-                freq += (np.asarray(full_train[start:start + 65536]) == POS).sum(0)
+            freq = full_train.positives_per_class()
             atomic_write_json(run_dir / "per_class_ap.json", {
                 "epoch": epoch, "ap": [None if not np.isfinite(a) else float(a) for a in per_class],
                 "class_freq": freq.tolist(), "classes": manifest["classes"]})
