@@ -4,6 +4,11 @@
 Commit protocol: DeepSpeed writes the tag folder with ``save_latest=False``; we add the pseudo-label
 snapshot(s) into that folder; after a barrier rank 0 atomically rewrites ``latest``. A kill at any
 moment leaves ``latest`` pointing at a complete checkpoint (the older one if the new one was cut).
+
+Pseudo labels: a ``VersionedPseudoStore`` (``pseudo.snapshot=versioned``, the default) is not
+copied: each rank saves its store bitmaps (``pseudo-state-rank{r}.npz``, 2 x N bits) and the
+versions stay where they are (see its docstring: only ``latest`` is restorable). Other stores
+(``pseudo.snapshot=copy``, ROLE's estimates) are copied whole (sparse copy) by the writer.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_save_npz, atomic_write_text
 from .distributed import barrier
 
 LATEST = "latest"
@@ -51,6 +56,11 @@ def store_snapshot_name(node_index: int | None) -> str:
     return "pseudo.f16" if node_index is None else f"pseudo-node{node_index}.f16"
 
 
+def state_name(store: str, rank: int) -> str:
+    """A versioned store's per-rank checkpoint state (bitmaps of the rows written)."""
+    return f"{store}-state-rank{int(rank)}.npz"
+
+
 def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, dist_info, per_node: bool,
          keep: int = 2) -> None:
     """Save everything under ``ckpt_dir/tag`` and then point ``latest`` at it.
@@ -62,8 +72,10 @@ def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     node = _node_index(dist_info) if per_node else None
     writer = dist_info.is_local_main if per_node else dist_info.is_main
-    if writer:
-        for name, store in stores.items():
+    for name, store in stores.items():
+        if hasattr(store, "checkpoint_state"):  # versioned: this rank's bitmaps, no copy of N x L
+            atomic_save_npz(ckpt_dir / tag / state_name(name, dist_info.rank), **store.checkpoint_state())
+        elif writer:
             store.flush()
             store.snapshot(ckpt_dir / tag / store_snapshot_name(node).replace("pseudo", name))
     barrier()
@@ -83,8 +95,18 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     node = _node_index(dist_info) if per_node else None
+    for name, store in stores.items():
+        if hasattr(store, "load_checkpoint_state"):
+            src = Path(ckpt_dir) / tag / state_name(name, dist_info.rank)
+            if not src.exists():
+                raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {src.name}: it was written with "
+                                        f"pseudo.snapshot=copy or another world size; resume with the same settings")
+            with np.load(src) as z:
+                store.load_checkpoint_state({k: z[k] for k in z.files}, where=str(src))
     if dist_info.is_local_main:
         for name, store in stores.items():
+            if hasattr(store, "load_checkpoint_state"):
+                continue
             src = Path(ckpt_dir) / tag / store_snapshot_name(node).replace("pseudo", name)
             if not src.exists():
                 raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {src.name}: cannot restore the {name} store")
@@ -92,7 +114,8 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
     barrier()
     if not dist_info.is_local_main:
         for store in stores.values():
-            store.reopen()
+            if not hasattr(store, "load_checkpoint_state"):
+                store.reopen()
     set_rng_state(client_state["rng"])
     return client_state
 

@@ -22,7 +22,8 @@ NCHW because DeepSpeed broadcasts and flattens parameters as raw bytes).
 
 What grows with what: host memory-maps of N×L int8 (observed, dense) or its listed entries (CSR,
 13 B each) and N×L fp16 (pseudo) per node; per-step traffic B·L per rank; checkpoint size =
-model + optimizer + N×L×2 bytes of pseudo labels.
+model + optimizer + 2 bitmaps of N bits per rank (``pseudo.snapshot=versioned``: two N×L fp16 stores
+by epoch parity instead of one) or + N×L×2 bytes of pseudo labels (``copy``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from .data.shard import make_mask, observed_name
 from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
-from .stores import PseudoLabelStore, RoleEstimates
+from .stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore
 from .tracking import Tracker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -354,15 +355,15 @@ def open_stores(cfg, dist_info, store_dir: Path, data: RunData, *, resuming: boo
     if dist_info.is_local_main:
         store_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:  # a fresh run starts from ỹ = 0.5, whatever an earlier run left in the folder
-            for name in ("pseudo.f16", "role.f32"):
+            for name in ("pseudo.f16", "role.f32", "pseudo.v0.f16", "pseudo.v1.f16"):
                 for leftover in (store_dir / name, store_dir / f"{name}.json"):
                     leftover.unlink(missing_ok=True)
         init = None
         if cfg.pseudo.init == "prior":
             init = class_prior(label_stats(data.observed), k_expected)
-        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True, init=init)
+        make_pseudo_store(cfg, store_dir, num_train, num_labels, create=True, init=init)
     barrier()
-    stores["pseudo"] = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
+    stores["pseudo"] = make_pseudo_store(cfg, store_dir, num_train, num_labels, create=False)
     if cfg.loss.name == "role":
         if dist_info.is_local_main:
             RoleEstimates(store_dir / "role.f32", num_train, num_labels, init_observed=data.observed,
@@ -370,6 +371,13 @@ def open_stores(cfg, dist_info, store_dir: Path, data: RunData, *, resuming: boo
         barrier()
         stores["role"] = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
     return stores
+
+
+def make_pseudo_store(cfg, store_dir: Path, num_train: int, num_labels: int, *, create: bool, init=None):
+    """``pseudo.snapshot``: versioned (two stores by epoch parity: checkpoints copy nothing) or copy."""
+    if cfg.pseudo.snapshot == "versioned":
+        return VersionedPseudoStore(store_dir, num_train, num_labels, create=create, init=init)
+    return PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=create, init=init)
 
 
 def build_engine(cfg, dist_info, data: RunData):
@@ -449,6 +457,9 @@ def train_epoch(t: Trainer, epoch: int) -> None:
     # explicit ordering: every store write of the previous epoch (or the restored snapshot) is in
     # every rank's store before this epoch's first gather reads it
     t.traffic.fence(barrier=True)
+    pseudo = t.losses.pseudo_store
+    if hasattr(pseudo, "begin_epoch"):  # versioned: read last epoch's version, write this one's
+        pseudo.begin_epoch(epoch)
     bar = t.tracker.progress(t.data.steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
     t_last = time.perf_counter()
     shares = {"_sync": cfg.run.time_shares and t.dist_info.device.type == "cuda"}
@@ -462,6 +473,8 @@ def train_epoch(t: Trainer, epoch: int) -> None:
         batch, pending = epoch_step(t, m, epoch, batch, pending, batches)
     bar.close()
     t.traffic.fence(barrier=False)
+    if hasattr(pseudo, "end_epoch"):  # complete this epoch's version (rows not visited) before its checkpoint
+        pseudo.end_epoch(link=t.dist_info.is_local_main)
     record_epoch(t, m, epoch)
 
 
