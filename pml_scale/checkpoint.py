@@ -56,6 +56,30 @@ def store_snapshot_name(node_index: int | None) -> str:
     return "pseudo.f16" if node_index is None else f"pseudo-node{node_index}.f16"
 
 
+def buffers_name(rank: int) -> str:
+    """This rank's module buffers (BatchNorm running statistics: each data-parallel rank keeps its own,
+    from its own batches, and evaluates with them; DeepSpeed's checkpoint holds rank 0's only)."""
+    return f"buffers-rank{int(rank)}.pt"
+
+
+def _save_buffers(engine, path: Path) -> None:
+    from .atomic import atomic_path
+
+    state = {k: v.detach().cpu() for k, v in engine.module.named_buffers()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_buffers(engine, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = dict(engine.module.named_buffers())
+    if set(state) != set(own):
+        raise ValueError(f"{path}: buffers {sorted(set(state) ^ set(own))[:5]} do not match the model")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
 def state_name(store: str, rank: int) -> str:
     """A versioned store's per-rank checkpoint state (bitmaps of the rows written)."""
     return f"{store}-state-rank{int(rank)}.npz"
@@ -72,6 +96,8 @@ def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     node = _node_index(dist_info) if per_node else None
     writer = dist_info.is_local_main if per_node else dist_info.is_main
+    if dist_info.world_size > 1:  # DeepSpeed saves rank 0's module only: other ranks' BN statistics differ
+        _save_buffers(engine, ckpt_dir / tag / buffers_name(dist_info.rank))
     for name, store in stores.items():
         if hasattr(store, "checkpoint_state"):  # versioned: this rank's bitmaps, no copy of N x L
             atomic_save_npz(ckpt_dir / tag / state_name(name, dist_info.rank), **store.checkpoint_state())
@@ -94,6 +120,9 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    buffers = Path(ckpt_dir) / tag / buffers_name(dist_info.rank)
+    if buffers.exists():
+        _load_buffers(engine, buffers)
     node = _node_index(dist_info) if per_node else None
     for name, store in stores.items():
         if hasattr(store, "load_checkpoint_state"):
