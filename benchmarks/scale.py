@@ -228,7 +228,7 @@ def main() -> int:
             Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print("\n| " + " | ".join(h for _, h in TABLE) + " |\n|" + "---|" * len(TABLE))
     for r in rows:
-        print("| " + " | ".join(human(r[k]) for k, _ in TABLE) + " |")
+        print("| " + " | ".join(str(r[k]) if k == "labels" else human(r[k]) for k, _ in TABLE) + " |")
     return 0
 
 

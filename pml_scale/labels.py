@@ -533,29 +533,32 @@ class ObservedLabels:
         if ptr[0] != 0 or ptr[-1] != idx.shape[0]:
             raise ValueError(f"{src}: CSR indptr must start at 0 and end at len(indices) = {idx.shape[0]}, "
                              f"got {int(ptr[0])} .. {int(ptr[-1])}")
-        d = np.diff(ptr)
-        if (d < 0).any():
-            raise ValueError(f"{src}: CSR indptr decreases at row {int(np.argmax(d < 0))} (must be non-decreasing)")
+        d = ptr[1:] < ptr[:-1]
+        if d.any():
+            raise ValueError(f"{src}: CSR indptr decreases at row {int(np.argmax(d))} (must be non-decreasing)")
         if idx.size:
-            bad = (idx < 0) | (idx >= num_labels)
-            if bad.any():
+            if int(idx.min()) < 0 or int(idx.max()) >= num_labels:
+                bad = (idx < 0) | (idx >= num_labels)
                 k = int(np.argmax(bad))
                 raise ValueError(f"{src}: CSR row {self._row_of(k)}: label index {int(idx[k])} "
                                  f"out of range [0, {num_labels})")
             allowed = [v for v in (MISSING, NEG, POS) if v != self.fill]
-            bad = (val != allowed[0]) & (val != allowed[1])
+            bad = (val != allowed[0]) & (val != allowed[1])  # 1 B per entry
             if bad.any():
                 k = int(np.argmax(bad))
                 what = {MISSING: "observed entries only", NEG: "positives and explicit missing entries only"}
                 raise ValueError(f"{src}: CSR row {self._row_of(k)}: value {int(val[k])}; CSR with fill "
                                  f"{self.fill} stores {what[self.fill]}, accepted values "
                                  f"{' and '.join(map(str, allowed))}")
-            step = np.diff(idx.astype(np.int64)) <= 0
-            step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < idx.size)] - 1] = False  # row boundaries
-            if step.any():
-                k = int(np.argmax(step)) + 1
-                raise ValueError(f"{src}: CSR row {self._row_of(k)}: label indices not strictly increasing "
-                                 f"({int(idx[k - 1])} then {int(idx[k])})")
+            starts = np.zeros(idx.size, bool)  # True where a row begins: no order needed across it
+            starts[ptr[:-1][ptr[:-1] < idx.size]] = True
+            for a in range(0, idx.size - 1, 1 << 22):  # blocks: a few MB of temporaries, not 16 B/entry
+                b = min(a + (1 << 22), idx.size - 1)
+                step = (idx[a + 1:b + 1] <= idx[a:b]) & ~starts[a + 1:b + 1]
+                if step.any():
+                    k = a + int(np.argmax(step)) + 1
+                    raise ValueError(f"{src}: CSR row {self._row_of(k)}: label indices not strictly increasing "
+                                     f"({int(idx[k - 1])} then {int(idx[k])})")
         return self
 
     def _row_of(self, k: int) -> int:
