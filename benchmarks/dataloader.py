@@ -46,7 +46,7 @@ class ReaderLoader:
         from nvidia.dali import fn, pipeline_def, types
 
         from pml_scale.data.format import index_name_for, read_manifest, split_shards
-        from pml_scale.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+        from pml_scale.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
         shards = [str(p) for p in split_shards(root, read_manifest(root), split)]
         self.device, self.batch_size, self.decode = device, batch_size, decode

@@ -13,6 +13,7 @@ MUFU and global-memory instructions per element.
     python benchmarks/kernel_sass.py                  # this tree, B=4096 × L ∈ {600, 9605, 100000}, bf16
     python benchmarks/kernel_sass.py --rev 5d78dc7    # the kernel as of a git revision (before)
     python benchmarks/kernel_sass.py --all-candidates --dtype fp32 --json sass.json
+    python benchmarks/kernel_sass.py --neg-focus      # the ours+ negative-term variant (neg_gamma/neg_margin)
     python benchmarks/kernel_sass.py --compile-check  # every kernel variant compiles for sm_90
 
 Run without TRITON_INTERPRET (it is cleared here). A static proxy, not a timing: it ignores
@@ -167,15 +168,16 @@ def fake_inputs(B, L, dtype):
             torch.empty((B, L), dtype=torch.float16), torch.empty((B,), dtype=torch.int64))
 
 
-def launches_current(B, L, dtype, all_candidates=False, need_grad=True):
-    """[(label, calls, loop trips per call)] for this tree's configs."""
+def launches_current(B, L, dtype, all_candidates=False, need_grad=True, neg_focus=False):
+    """[(label, calls, loop trips per call)] for this tree's configs; ``neg_focus``: the ours+
+    specialisation (NEG_FOCUS, neg_gamma/neg_margin on) instead of the paper's."""
     sys.path.insert(0, str(REPO))
     import pml_scale.kernels.partial_label as pl
 
     pl._check_device = lambda dev: None  # CPU tensors stand in for CUDA ones
     logits, states, pseudo, ids = fake_inputs(B, L, dtype)
     plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=False, p_rule="text",
-                    coef_ptr=False, block_l=None)
+                    coef_ptr=False, block_l=None, neg_focus=neg_focus)
     plan.flags["FAST"] = True
     cfgs = (pl.candidate_configs(B, L, window=plan.window) if all_candidates
             else [pl.heuristic_config(B, L, interpret=False, window=plan.window)])
@@ -183,12 +185,12 @@ def launches_current(B, L, dtype, all_candidates=False, need_grad=True):
     grad = torch.empty((B, L), dtype=dtype)
     out = torch.empty(2 * B + 1)
     a = (logits, states, pseudo, ids, out, grad, yhat, out, yhat)
-    scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 0)
+    scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 0) + ((2.0, 0.05) if neg_focus else (0.0, 0.0))
     runs = []
     for cfg in cfgs:
         with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
             pl._launch(plan, cfg, a, scalars)
-        label = cfg.label() + (":window" if plan.window and cfg.block_b == 1 else "")
+        label = cfg.label() + (":window" if plan.window and cfg.block_b == 1 else "") + (":neg" if neg_focus else "")
         runs.append((label, cap.calls, [1] * len(cap.calls)))
     return runs
 
@@ -252,19 +254,23 @@ def compile_check() -> int:
 
     pl._check_device = lambda dev: None
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
-    cases = [  # B, L, logits, pseudo, need_grad, picks, p_rule, coef, layout, config (None: all candidates)
-        (256, 600, bf, f16, True, False, "text", False, "contig", None),
-        (256, 600, f16, bf, False, True, "printed", True, "contig", None),
-        (256, 600, f32, f32, True, False, "text", True, "strided", None),
-        (64, 9605, bf, f16, True, True, "printed", True, "contig", None),
-        (63, 9605, f32, f16, False, False, "text", False, "contig", None),
-        (64, 9605, bf, f16, True, False, "text", True, "strided", pl.Config("split", 1, 2048, 0, 4)),
-        (8, 100_000, f32, bf, True, True, "printed", True, "contig", None),
-        (8, 100_003, bf, f16, True, False, "text", False, "strided", None),
-        (1, 1, bf, f16, True, False, "text", True, "contig", None),
-        (2, 1, f32, f16, True, False, "text", False, "contig", pl.Config("split", 1, 16, 0, 1)),
+    # B, L, logits, pseudo, need_grad, picks, p_rule, coef, layout, config (None: all candidates), neg
+    # (neg: also compile the ours+ NEG_FOCUS specialisation; every case compiles the paper's)
+    cases = [
+        (256, 600, bf, f16, True, False, "text", False, "contig", None, False),           # row, 1-D, window
+        (256, 600, f16, bf, False, True, "printed", True, "contig", None, True),
+        (256, 600, f32, f32, True, False, "text", True, "strided", None, True),          # row, 1-D, strided
+        (64, 9605, bf, f16, True, True, "printed", True, "contig", None, False),        # row 1-D / split, window
+        (63, 9605, f32, f16, False, False, "text", False, "contig", None, True),        # row 1-D / split, plain
+        (64, 9605, bf, f16, True, False, "text", True, "strided", pl.Config("split", 1, 2048, 0, 4), True),
+        (8, 100_000, f32, bf, True, True, "printed", True, "contig", None, False),
+        (8, 100_003, bf, f16, True, False, "text", False, "strided", None, True),
+        (1, 1, bf, f16, True, False, "text", True, "contig", None, False),
+        (2, 1, f32, f16, True, False, "text", False, "contig", pl.Config("split", 1, 16, 0, 1), True),
+        (4096, 600, bf, f16, True, False, "text", False, "contig", None, True),         # row, 2-D (bb4)
     ]
     ok, failed = 0, []
+    kernels_seen = set()  # (kernel, NEG_FOCUS) pairs compiled: every loss kernel in both specialisations
 
     def try_compile(what, k, args, kw):
         nonlocal ok
@@ -274,26 +280,33 @@ def compile_check() -> int:
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed.append(f"{what} {k.fn.__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else exc!r}")
 
-    for n, (B, L, dt, pdt, need_grad, picks, p_rule, coef, layout, cfg) in enumerate(cases):
+    for n, (B, L, dt, pdt, need_grad, picks, p_rule, coef, layout, cfg, neg) in enumerate(cases):
         logits, states, pseudo, ids = fake_inputs(B, L, dt)
         pseudo = pseudo.to(pdt)
         if layout == "strided":
             logits = torch.empty((L, B), dtype=dt).t()
             states = torch.empty((B, 2 * L), dtype=torch.int8)[:, ::2]
-        plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks, p_rule=p_rule,
-                        coef_ptr=coef, block_l=None)
-        plan.flags["FAST"] = True
-        plan.flags["PSEUDO_MODE"] = n % len(pl.PSEUDO_WEIGHTS)  # the paper, balanced, capped in turn
         yhat, out = torch.empty((B, L), dtype=f16), torch.empty(2 * B + 1)
         grad, pk = torch.empty((B, L), dtype=dt), torch.empty((B, L), dtype=torch.int8)
         a = (logits, states, pseudo, ids, torch.empty(2) if coef else out, grad if need_grad else yhat, yhat, out,
              pk if picks else yhat)
-        scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 1 if coef else 0)
-        for c in [cfg] if cfg else pl.candidate_configs(B, L, window=plan.window):
-            with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
-                pl._launch(plan, c, a, scalars)
-            for k, grid, args, kw in cap.calls:
-                try_compile(f"{B}x{L} {dt} {layout} {c.label()}", k, args, kw)
+        for neg_focus in (False, True) if neg else (False,):
+            plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks, p_rule=p_rule,
+                            coef_ptr=coef, block_l=None, neg_focus=neg_focus)
+            plan.flags["FAST"] = True
+            plan.flags["PSEUDO_MODE"] = n % len(pl.PSEUDO_WEIGHTS)  # the paper, balanced, capped in turn
+            scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 1 if coef else 0) + (
+                (2.0, 0.05) if neg_focus else (0.0, 0.0))
+            seen = set()
+            for c in [cfg] if cfg else pl.candidate_configs(B, L, window=plan.window):
+                with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
+                    pl._launch(plan, c, a, scalars)
+                for k, grid, args, kw in cap.calls:
+                    if neg_focus and k is pl._split_stats_kernel:
+                        continue  # has no NEG_FOCUS: compiled with the paper's variant above
+                    try_compile(f"{B}x{L} {dt} {layout} {c.label()}{' neg' if neg_focus else ''}", k, args, kw)
+                    seen.add(k.fn.__name__)
+            kernels_seen.update((name, neg_focus) for name in seen)
     for B, L, pdt in ((40, 300, f16), (3, 9000, f32), (1, 1, bf)):
         st, ps = torch.empty((B, L), dtype=torch.int8), torch.empty((B, L), dtype=pdt)
         with Capture([pl._picked_sums_kernel]) as cap:
@@ -303,6 +316,10 @@ def compile_check() -> int:
     for n, dt in ((1, f32), (70_001, bf), (4096 * 600, f16)):
         try_compile(f"scale {n} {dt}", pl._scale_kernel, (torch.empty(n, dtype=dt), torch.empty(()), n, 4096),
                     dict(num_warps=8, num_stages=1))
+    for name in ("_row_kernel", "_row1_kernel", "_split_fused_kernel"):
+        for neg_focus in (False, True):
+            if (name, neg_focus) not in kernels_seen:
+                failed.append(f"coverage: {name} with NEG_FOCUS={neg_focus} is in no case of the matrix")
     print(f"compiled {ok} kernel variants for sm_90; {len(failed)} failed")
     for f in failed:
         print("  FAIL", f)
@@ -316,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--L", default="600,9605,100000", help="comma-separated label counts")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--all-candidates", action="store_true", help="every GPU tuning candidate, not just the default")
+    ap.add_argument("--neg-focus", action="store_true",
+                    help="the ours+ specialisation (neg_gamma/neg_margin on) instead of the paper's negative terms")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--dump", metavar="DIR", help="write each kernel's SASS and PTX here")
     ap.add_argument("--compile-check", action="store_true",
@@ -334,7 +353,7 @@ def main(argv=None) -> int:
         if args.rev:
             runs = [launches_rev(args.rev, args.B, L, dtype)]
         else:
-            runs = launches_current(args.B, L, dtype, args.all_candidates)
+            runs = launches_current(args.B, L, dtype, args.all_candidates, neg_focus=args.neg_focus)
         for label, calls, trips in runs:
             dump = Path(args.dump) / f"L{L}_{label.replace(':', '_')}" if args.dump else None
             r = measure(label, calls, trips, args.B * L, dump)

@@ -104,7 +104,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def eager_loss(logits, states, pseudo, ids, *, alpha, beta, d, q, seed, epoch, p_threshold, p_rule):
-    """DESIGN.md §1 in plain PyTorch (fp32 compute), the eager baseline: returns (loss, ŷ fp16, p)."""
+    """docs/design.md §1 in plain PyTorch (fp32 compute), the eager baseline: returns (loss, ŷ fp16, p)."""
     s = logits.float()
     y = torch.sigmoid(s)
     log_y, log_1my = F.logsigmoid(s), F.logsigmoid(-s)

@@ -26,7 +26,8 @@ class FusedPartialLabelLoss(torch.autograd.Function):
     """apply(logits, states, pseudo, sample_ids, params: dict, block_l: int | None).
 
     ``params`` holds the keyword arguments of ``partial_label_forward`` (alpha and beta, or
-    coef; d, q, seed, epoch, p_threshold, p_rule, optional num_rows); ``block_l`` forces the
+    coef; d, q, seed, epoch, p_threshold, p_rule, optional num_rows, pseudo_weights, neg_gamma,
+    neg_margin); ``block_l`` forces the
     tile width (tests use it to exercise the split path). Outputs (loss, yhat, p); only loss
     is differentiable.
     """
@@ -64,9 +65,9 @@ def fused_partial_label_loss(
     alpha: float | None = None, beta: float | None = None, coef: torch.Tensor | None = None,
     d: float, q: float, seed: int, epoch: int,
     p_threshold: float = 0.1, p_rule: str = "text", num_rows: float | None = None,
-    pseudo_weights: str = "alpha_beta",
+    pseudo_weights: str = "alpha_beta", neg_gamma: float = 0.0, neg_margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The paper's loss (DESIGN.md §1) fused: returns (loss, yhat, p).
+    """The paper's loss (docs/design.md §1) fused: returns (loss, yhat, p).
 
     loss: fp32 scalar (1/num_rows) Σ_i L_i (num_rows defaults to B), differentiable wrt
     logits; yhat: (B, L) fp16 σ(logits), no grad (scatter it to the pseudo store); p: (B,)
@@ -79,7 +80,13 @@ def fused_partial_label_loss(
     invalid rows that way and pass ``num_rows`` = the number of valid rows. ``pseudo_weights``
     "balanced" weighs both picked pseudo terms (α+β)/2 instead of α and β; "capped" (ours+) does
     so only when α > β and keeps the paper's α, β otherwise.
+    ``neg_gamma`` γ⁻ in [0, 8] and ``neg_margin`` m⁻ in [0, 1) (ours+; both 0, the default, is the
+    paper and runs the unchanged plain specialisation): every negative-side log(1−ŷ) (observed
+    negatives, and the (1−ỹ) part of the picks) becomes u^γ⁻·log(1−u) with u = max(ŷ − m⁻, 0),
+    in the loss and its gradient, in the same single pass; ŷ is unchanged. Same definition as
+    ``pml_scale.losses.partial.negative_term`` / ``negative_term_grad``.
     """
     params = dict(alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed, epoch=epoch,
-                  p_threshold=p_threshold, p_rule=p_rule, num_rows=num_rows, pseudo_weights=pseudo_weights)
+                  p_threshold=p_threshold, p_rule=p_rule, num_rows=num_rows, pseudo_weights=pseudo_weights,
+                  neg_gamma=neg_gamma, neg_margin=neg_margin)
     return FusedPartialLabelLoss.apply(logits, states, pseudo, sample_ids, params, None)

@@ -1,4 +1,4 @@
-"""Fused forward + gradient kernels for the paper's partial-label loss (DESIGN.md §1, §2).
+"""Fused forward + gradient kernels for the paper's partial-label loss (docs/design.md §1, §2).
 
 One pass reads logits, label states and pseudo labels, draws the q-picks of missing labels
 in-kernel (the counter-based hash of ``pml_scale.losses.picks``, bit for bit, in uint32
@@ -187,7 +187,8 @@ def _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED: tl.con
 
 
 @triton.jit
-def _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
+def _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, neg_gamma, neg_margin, FAST: tl.constexpr,
+          NEG_FOCUS: tl.constexpr):
     """Per element: the scaled loss term g·t/ln2, ŷ, and the gradient g·(w⁺(1-ŷ) - w⁻ŷ).
 
     The weights come pre-multiplied by the row's gradient scale g (``_row_coefs``) and
@@ -196,6 +197,11 @@ def _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
     (r and t·r, swapped by the sign of s) and log2(1+e^-|s|) = log2 u for both softplus terms
     (softplus(∓s)/ln2 = max(∓x, 0) + log2 u). FAST (GPU) uses the MUFU forms (ex2, lg2, rcp
     approx, ~2 ulp); the interpreter the exact ones.
+
+    NEG_FOCUS (constexpr; False = the paper, the default specialisation): the negative-side terms
+    (observed negatives and the (1−ỹ) part of the picks, weight w⁻) use the ours+ focusing γ⁻ and
+    margin m⁻ (``neg_gamma``, ``neg_margin``, runtime scalars, unused when False): the gradient
+    becomes g·(w⁺(1-ŷ) + w⁻·dN/ds), see ``_neg_focus`` (two lg2, one ex2, two rcp more).
     """
     x = s * 1.4426950408889634
     if FAST:
@@ -217,11 +223,76 @@ def _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST: tl.constexpr):
     ys = tl.where(sel, yt, 0.0)
     w_pos = tl.where(pos, a_ne, a_s * ys)
     w_neg = tl.where(neg, b_ne, tl.where(sel, b_s - b_s * ys, 0.0))
-    # softplus(∓s)/ln2 = max(∓x, 0) + log2 u: the max term is |x| on one side only, so
-    # w⁺·softplus(-s) + w⁻·softplus(s) = (w⁺ + w⁻)·log2 u + (x >= 0 ? w⁻ : w⁺)·|x| (no cancellation)
-    term = (w_pos + w_neg) * lp + tl.where(nonneg, w_neg, w_pos) * tl.abs(x)
-    grad = w_pos * omy - w_neg * y
+    if NEG_FOCUS:  # ours+: w⁻ weighs −N/ln2 and dN/ds of ``_neg_focus`` instead of softplus(s)/ln2 and −ŷ
+        n, dn = _neg_focus(x, u, lp, y, omy, nonneg, neg_gamma, neg_margin, FAST)
+        term = w_pos * (lp + tl.maximum(-x, 0.0)) + w_neg * n
+        grad = w_pos * omy + w_neg * dn
+    else:  # the paper's terms (the default; unchanged code, so unchanged bits and SASS)
+        # softplus(∓s)/ln2 = max(∓x, 0) + log2 u: the max term is |x| on one side only, so
+        # w⁺·softplus(-s) + w⁻·softplus(s) = (w⁺ + w⁻)·log2 u + (x >= 0 ? w⁻ : w⁺)·|x| (no cancellation)
+        term = (w_pos + w_neg) * lp + tl.where(nonneg, w_neg, w_pos) * tl.abs(x)
+        grad = w_pos * omy - w_neg * y
     return term, y, grad
+
+
+@triton.jit
+def _lg2(v, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(v)
+
+
+@triton.jit
+def _rcp(v, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / v
+
+
+@triton.jit
+def _neg_focus(x, u1, lp, y, omy, nonneg, gamma, margin, FAST: tl.constexpr):
+    """The ours+ negative-side term (``neg_gamma`` γ >= 0, ``neg_margin`` 0 <= m < 1, runtime scalars):
+    N = v^γ·ln(1−v) with v = max(ŷ − m, 0) (the u of ``pml_scale.losses.partial.negative_term``)
+    replaces the paper's ln(1−ŷ) (ASL's focusing and probability margin). Returns (n, dn):
+    n = −N/ln2 >= 0 (the loss term in the units of ``_elem``, where the paper's is softplus(s)/ln2)
+    and dn = dN/ds = v'·v^γ·[γ·f − 1/(1−v)], f = ln(1−v)/v, v' = ŷ(1−ŷ) where ŷ > m, else 0
+    (for γ = m = 0, dn = −ŷ; that case never gets here, it is the plain specialisation).
+
+    u1 = 1 + e^-|s| and lp = log2(u1) come from ``_elem`` (ŷ = 1/u1 or e^-|s|/u1, no cancellation).
+    Numerics, fp32 (FAST: MUFU lg2/ex2/rcp approximations; exact forms under the interpreter):
+    - 1 − v: for m > 0 it is w = min(σ(−s) + m, 1), never 1 − v (cancellation near ŷ = 1); for
+      m = 0 the log-sigmoid form ln(1−ŷ) = −softplus(s) keeps it finite for saturated logits.
+    - f without dividing a rounded log by a tiny v: m > 0: ln w/(1−w) (1 − w is exact, the v that w
+      stands for); m = 0, s < 0: ŷ = t/(1+t), so f = −(1+t)·ln(1+t)/t = −u1·ln u1/(u1 − 1); m = 0,
+      s >= 0: ŷ >= 1/2, f = ln(1−ŷ)/ŷ as is; f → −1 where the denominator rounds to 0 (v → 0).
+    - v^γ = 2^(γ·log2 v), taken at v = 1 where ŷ <= m (there the log term and v' are 0 anyway), so
+      neither 0^γ nor v^(γ−1) at v = 0 (∞·0) is ever evaluated; dn is 0 there; v is floored at the
+      smallest normal float (a subnormal v flushed to 0 would give 0·∞ for γ = 0). v'/(1−v) is ŷ for
+      m = 0 (no 0/0 when 1 − ŷ underflows) and ŷ(1−ŷ)/w for m > 0 (w >= m).
+    No division by 0 and no inf·0 is evaluated anywhere, even in a discarded ``where`` branch.
+    """
+    LN2: tl.constexpr = 0.6931471805599453
+    on = margin > 0.0
+    active = y > margin
+    TINY: tl.constexpr = 1.1754943508222875e-38  # smallest normal fp32: lg2 stays finite under FTZ
+    v = tl.maximum(y - margin, 0.0)
+    # 1 − v for m > 0 (unused for m = 0); >= m, floored for a margin too small for fp32
+    w = tl.where(on, tl.maximum(tl.minimum(omy + margin, 1.0), TINY), 1.0)
+    l2 = tl.where(on, _lg2(w, FAST), -(tl.maximum(x, 0.0) + lp))  # log2(1 − v)
+    l2 = tl.where(active, l2, 0.0)
+    pw = tl.exp2(gamma * _lg2(tl.where(active, tl.maximum(v, TINY), 1.0), FAST))  # v^γ (1 where inactive)
+    den = tl.where(on, 1.0 - w, tl.where(nonneg, y, u1 - 1.0))
+    num = tl.where(on | nonneg, l2, -u1 * lp)
+    ok = den > 0.0
+    f = tl.where(ok, num * LN2 * _rcp(tl.where(ok, den, 1.0), FAST), -1.0)  # no 1/0 even where unused
+    du = y * omy
+    q = tl.where(on, du * _rcp(w, FAST), y)  # v'/(1 − v)
+    dn = tl.where(active, pw * (gamma * du * f - q), 0.0)
+    return -pw * l2, dn
 
 
 @triton.jit
@@ -309,9 +380,9 @@ def _row_kernel(
     logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
-    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr, neg_gamma, neg_margin,
     CONTIG: tl.constexpr, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr, P_PRINTED: tl.constexpr,
-    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    NEG_FOCUS: tl.constexpr, STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
 ):
     """BLOCK_B whole rows per program, held as a W1 tile and (if W2 > 0) a W2 tile, W1 + W2 >= L.
@@ -351,12 +422,14 @@ def _row_kernel(
     b_ne = b_ne[:, None]
     a_s = a_s[:, None]
     b_s = b_s[:, None]
-    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, neg_gamma, neg_margin,
+                          FAST, NEG_FOCUS)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix2, _col_mix(col1), thr,
                STORE_GRAD, STORE_PICKS)
     acc = tl.sum(term, axis=1)  # slots not owned have no state and s = 0: zero weights, zero term
     if W2 > 0:
-        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, neg_gamma, neg_margin,
+                              FAST, NEG_FOCUS)
         _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix2, _col_mix(col2), thr,
                    STORE_GRAD, STORE_PICKS)
         acc += tl.sum(term, axis=1)
@@ -370,9 +443,9 @@ def _row1_kernel(
     logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr,
     B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
-    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr, neg_gamma, neg_margin,
     CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr, P_PRINTED: tl.constexpr,
-    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    NEG_FOCUS: tl.constexpr, STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr,
 ):
     """One whole row per program as 1-D tiles (W1 + W2 >= L, + 15 in WINDOW mode).
@@ -402,12 +475,14 @@ def _row1_kernel(
     a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, PSEUDO_MODE)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, cnt & 0xFFFF, cnt >> 16, a, b, sa, sb, d, inv_n, p_threshold,
                                                   P_PRINTED)
-    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, FAST)
+    term, y, grad = _elem(s1, pos1, neg1, sel1, yt1, a_ne, b_ne, a_s, b_s, neg_gamma, neg_margin,
+                          FAST, NEG_FOCUS)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out1, own1, y, grad, rmix, _col_mix(col1), thr,
                STORE_GRAD, STORE_PICKS)
     acc = tl.sum(term, axis=0)
     if W2 > 0:
-        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, FAST)
+        term, y, grad = _elem(s2, pos2, neg2, sel2, yt2, a_ne, b_ne, a_s, b_s, neg_gamma, neg_margin,
+                              FAST, NEG_FOCUS)
         _store_out(grad_ptr, yhat_ptr, picks_ptr, out2, own2, y, grad, rmix, _col_mix(col2), thr,
                    STORE_GRAD, STORE_PICKS)
         acc += tl.sum(term, axis=0)
@@ -458,9 +533,9 @@ def _split_fused_kernel(
     logits_ptr, states_ptr, pseudo_ptr, ids_ptr, coef_ptr,
     grad_ptr, yhat_ptr, out_ptr, picks_ptr, cnt_ptr, part_ptr,
     B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
-    alpha, beta, d, inv_n, p_threshold, key_bits, thr,
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr, neg_gamma, neg_margin,
     CONTIG: tl.constexpr, WINDOW: tl.constexpr, COEF_PTR: tl.constexpr, PSEUDO_MODE: tl.constexpr, P_PRINTED: tl.constexpr,
-    STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
+    NEG_FOCUS: tl.constexpr, STORE_GRAD: tl.constexpr, STORE_PICKS: tl.constexpr, FAST: tl.constexpr,
     W: tl.constexpr, KP: tl.constexpr,
 ):
     """Pass 2 of the split path: the row's stats from its K tile partials, then one tile."""
@@ -478,7 +553,8 @@ def _split_fused_kernel(
     ns = tl.sum(tl.load(part_ptr + 2 * NK + pidx, mask=pm, other=0.0), axis=0)
     a, b, sa, sb = _load_coef(coef_ptr, s_coef, alpha, beta, COEF_PTR, PSEUDO_MODE)
     p, a_ne, b_ne, a_s, b_s, to_loss = _row_coefs(m, ne, ns, a, b, sa, sb, d, inv_n, p_threshold, P_PRINTED)
-    term, y, grad = _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, FAST)
+    term, y, grad = _elem(s, pos, neg, sel, yt, a_ne, b_ne, a_s, b_s, neg_gamma, neg_margin,
+                          FAST, NEG_FOCUS)
     _store_out(grad_ptr, yhat_ptr, picks_ptr, out, own, y, grad, rmix, _col_mix(col), thr,
                STORE_GRAD, STORE_PICKS)
     tl.store(part_ptr + 3 * NK + r * K + k, tl.sum(term, axis=0) * to_loss)
@@ -748,6 +824,26 @@ def check_inputs(logits: torch.Tensor, states: torch.Tensor, pseudo: torch.Tenso
     return B, L
 
 
+NEG_GAMMA_MAX = 8.0  # the range PaperOptions accepts
+
+
+def _check_neg(neg_gamma, neg_margin) -> tuple[float, float]:
+    """(γ⁻, m⁻) as floats: host reals, γ⁻ in [0, NEG_GAMMA_MAX], m⁻ in [0, 1)."""
+    out = []
+    for name, v in (("neg_gamma", neg_gamma), ("neg_margin", neg_margin)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a host float, got {v!r} ({type(v).__name__})")
+        out.append(_check_finite(name, v))
+    g, m = out
+    if not 0.0 <= g <= NEG_GAMMA_MAX:
+        raise ValueError(f"neg_gamma (focusing exponent of the negative-side terms) must be in "
+                         f"[0, {NEG_GAMMA_MAX:g}], got {neg_gamma!r}")
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"neg_margin (probability margin of the negative-side terms) must be in [0, 1), "
+                         f"got {neg_margin!r}")
+    return g, m
+
+
 def _check_ids(sample_ids: torch.Tensor, B: int) -> None:
     if sample_ids.shape != (B,):
         raise ValueError(f"sample_ids must have shape (B,) = ({B},), got {tuple(sample_ids.shape)}")
@@ -835,7 +931,7 @@ class _Plan:
                  "dtype", "tuned")
 
     def __init__(self, logits, states, pseudo, ids, *, need_grad, return_picks, p_rule, coef_ptr, block_l,
-                 pseudo_mode=0):
+                 pseudo_mode=0, neg_focus=False):
         B, L = check_inputs(logits, states, pseudo, ids)
         self.B, self.L, self.dev = B, L, logits.device
         self.cuda = self.dev.type == "cuda"
@@ -848,7 +944,7 @@ class _Plan:
         self.strides = (logits.stride(0), logits.stride(1), states.stride(0), states.stride(1),
                         pseudo.stride(0), pseudo.stride(1), ids.stride(0))
         self.flags = dict(CONTIG=contig, WINDOW=window, COEF_PTR=coef_ptr, PSEUDO_MODE=pseudo_mode,
-                          P_PRINTED=(p_rule == "printed"),
+                          P_PRINTED=(p_rule == "printed"), NEG_FOCUS=bool(neg_focus),
                           STORE_GRAD=need_grad, STORE_PICKS=return_picks,
                           FAST=self.cuda and not interpreter_active())  # MUFU forms only when compiled
         self.block_l = block_l
@@ -861,7 +957,9 @@ class _Plan:
         # tuned on the GPU at the first launch unless forced or disabled
         self.tuned = not (self.cuda and block_l is None and _forced_config() is None and _tuning_enabled()
                           and not interpreter_active())
-        self.tune_key = (min(_next_pow2(B), 8192), L, logits.dtype, pseudo.dtype, contig, window, need_grad)
+        # the ours+ negative terms cost more per element: tuned apart from the paper's
+        self.tune_key = (min(_next_pow2(B), 8192), L, logits.dtype, pseudo.dtype, contig, window, need_grad,
+                         bool(neg_focus))
 
 
 def _forced_config() -> Config | None:
@@ -895,22 +993,25 @@ def clear_caches() -> None:
 
 
 def tuned_configs() -> dict:
-    """{(B bucket, L, logits dtype, pseudo dtype, contiguous, need_grad): (config label, {label: ms})}."""
+    """{(B bucket, L, logits dtype, pseudo dtype, contiguous, window, need_grad, neg_focus):
+    (config label, {label: ms})}."""
     return {k: (v[0].label(), dict(v[1])) for k, v in _TUNED.items()}
 
 
-def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode):
+def _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode,
+              neg_focus):
     return (logits.shape, logits.stride(), logits.dtype, logits.device,
             states.shape, states.stride(), states.dtype, states.device,
             pseudo.shape, pseudo.stride(), pseudo.dtype, pseudo.device,
             ids.shape, ids.stride(), ids.dtype, ids.device,
-            need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode)
+            need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode, neg_focus)
 
 
 def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
-              pseudo_mode=0) -> _Plan:
+              pseudo_mode=0, neg_focus=False) -> _Plan:
     try:
-        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode)
+        key = _plan_key(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef_ptr, block_l, pseudo_mode,
+                        neg_focus)
     except (AttributeError, TypeError):  # not tensors: let check_inputs name the argument
         key = None
     plan = _PLANS.get(key) if key is not None else None
@@ -918,7 +1019,8 @@ def _get_plan(logits, states, pseudo, ids, need_grad, return_picks, p_rule, coef
         if p_rule not in P_RULES:
             raise ValueError(f"p_rule must be one of {P_RULES}, got {p_rule!r}")
         plan = _Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=return_picks,
-                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l, pseudo_mode=pseudo_mode)
+                     p_rule=p_rule, coef_ptr=coef_ptr, block_l=block_l, pseudo_mode=pseudo_mode,
+                     neg_focus=neg_focus)
         if key is not None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
@@ -994,11 +1096,12 @@ def _run_kernel(fn, grid, args, num_warps, num_stages, key) -> None:
 
 
 def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
-    """Launch ``cfg`` once. a = (logits, states, pseudo, ids, coef, grad, yhat, out, picks)."""
+    """Launch ``cfg`` once. a = (logits, states, pseudo, ids, coef, grad, yhat, out, picks); scalars =
+    (alpha, beta, d, inv_n, p_threshold, key_bits, thr, s_coef, neg_gamma, neg_margin)."""
     logits, states, pseudo, ids, coef, grad, yhat, out, picks = a
     B, L = plan.B, plan.L
     s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id = plan.strides
-    alpha, beta, d, inv_n, p_threshold, key_bits, thr, s_coef = scalars
+    alpha, beta, d, inv_n, p_threshold, key_bits, thr, s_coef, neg_gamma, neg_margin = scalars
     f = plan.flags
     key = None
     if plan.cuda and _FAST_LAUNCH and _aligned(*a):
@@ -1011,16 +1114,16 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
             _run_kernel(_row1_kernel, (B,), (
                 logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
                 B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
-                alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"],
-                f["FAST"], cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
+                alpha, beta, d, inv_n, p_threshold, key_bits, thr, neg_gamma, neg_margin,
+                f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["NEG_FOCUS"],
+                f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"], cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
             return
         _run_kernel(_row_kernel, (triton.cdiv(B, cfg.block_b),), (
             logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt,
             B, L, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
-            alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-            f["CONTIG"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
-            cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
+            alpha, beta, d, inv_n, p_threshold, key_bits, thr, neg_gamma, neg_margin,
+            f["CONTIG"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["NEG_FOCUS"], f["STORE_GRAD"],
+            f["STORE_PICKS"], f["FAST"], cfg.block_b, cfg.w1, cfg.w2), cfg.num_warps, cfg.num_stages, key)
         return
     W = cfg.w1
     K = triton.cdiv(L, W - 16 if f["WINDOW"] else W)
@@ -1033,9 +1136,10 @@ def _launch(plan: _Plan, cfg: Config, a: tuple, scalars: tuple) -> None:
     _run_kernel(_split_fused_kernel, grid, (
         logits, states, pseudo, ids, coef, grad, yhat, out, picks, cnt, part,
         B, L, K, NK, s_lb, s_ll, s_sb, s_sl, s_pb, s_pl, s_id, s_coef,
-        alpha, beta, d, inv_n, p_threshold, key_bits, thr,
-        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["STORE_GRAD"], f["STORE_PICKS"], f["FAST"],
-        W, _next_pow2(K)), cfg.num_warps, cfg.num_stages, key and key + ("fused", _aligned(cnt, part)))
+        alpha, beta, d, inv_n, p_threshold, key_bits, thr, neg_gamma, neg_margin,
+        f["CONTIG"], f["WINDOW"], f["COEF_PTR"], f["PSEUDO_MODE"], f["P_PRINTED"], f["NEG_FOCUS"], f["STORE_GRAD"],
+        f["STORE_PICKS"], f["FAST"], W, _next_pow2(K)), cfg.num_warps, cfg.num_stages,
+        key and key + ("fused", _aligned(cnt, part)))
 
 
 def _tune(plan: _Plan, a: tuple, scalars: tuple) -> Config:
@@ -1088,18 +1192,24 @@ class ForwardResult(NamedTuple):
 
 def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=None, d, q, seed, epoch,
             p_threshold=0.1, p_rule="text", need_grad=True, block_l=None, return_picks=False,
-            num_rows=None, pseudo_weights="alpha_beta") -> ForwardResult:
+            num_rows=None, pseudo_weights="alpha_beta", neg_gamma=0.0, neg_margin=0.0) -> ForwardResult:
     """One launch (two for the split path), behind ``partial_label_forward`` and the autograd op.
 
     Per-call host work is kept to what changes per call: everything that depends only on
     shapes, dtypes, strides, device and flags is in a cached plan; the outputs are three
-    allocations; the device is switched only when it is not current.
+    allocations; the device is switched only when it is not current. neg_gamma = neg_margin = 0
+    (the paper) launches the plain specialisation (NEG_FOCUS False), anything else the ours+ one.
     """
     coef_ptr = coef is not None
     if pseudo_weights not in PSEUDO_WEIGHTS:
         raise ValueError(f"pseudo_weights must be one of {PSEUDO_WEIGHTS}, got {pseudo_weights!r}")
+    if neg_gamma == 0.0 and neg_margin == 0.0:  # the paper (the default): two compares of host work
+        neg_focus, neg_gamma, neg_margin = False, 0.0, 0.0
+    else:
+        neg_gamma, neg_margin = _check_neg(neg_gamma, neg_margin)
+        neg_focus = True
     plan = _get_plan(logits, states, pseudo, sample_ids, need_grad, return_picks, p_rule, coef_ptr, block_l,
-                     PSEUDO_WEIGHTS.index(pseudo_weights))
+                     PSEUDO_WEIGHTS.index(pseudo_weights), neg_focus)
     if coef_ptr:
         if alpha is not None or beta is not None:
             raise ValueError("pass either alpha and beta (host floats) or coef (a (2,) device tensor), not both")
@@ -1112,7 +1222,8 @@ def forward(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=N
         beta = _check_finite("beta", beta)
         s_coef = 0
     scalars = (alpha, beta, _check_finite("d", d), _num_rows_inv(num_rows, plan.B),
-               _check_finite("p_threshold", p_threshold), _key_bits(seed, epoch), _thr(q), s_coef)
+               _check_finite("p_threshold", p_threshold), _key_bits(seed, epoch), _thr(q), s_coef,
+               neg_gamma, neg_margin)
     B, L, dev = plan.B, plan.L, plan.dev
     yhat = torch.empty((B, L), dtype=torch.float16, device=dev)
     grad = torch.empty((B, L), dtype=plan.dtype, device=dev) if need_grad else None
@@ -1141,7 +1252,7 @@ def partial_label_forward(
     d: float, q: float, seed: int, epoch: int,
     p_threshold: float = 0.1, p_rule: str = "text", need_grad: bool = True,
     block_l: int | None = None, return_picks: bool = False, num_rows: float | None = None,
-    pseudo_weights: str = "alpha_beta",
+    pseudo_weights: str = "alpha_beta", neg_gamma: float = 0.0, neg_margin: float = 0.0,
 ):
     """Launch the fused kernel once (twice for rows longer than 16384 labels).
 
@@ -1155,11 +1266,15 @@ def partial_label_forward(
     ``pseudo_weights``: "alpha_beta" (the paper: α, β also weigh the picked pseudo terms) or
     "balanced" (both pseudo terms weigh (α+β)/2) or "capped" (ours+: the paper's weights when
     α ≤ β, balanced when α > β).
+    ``neg_gamma`` γ⁻ in [0, 8], ``neg_margin`` m⁻ in [0, 1) (ours+, default 0 = the paper): the
+    negative-side terms (observed negatives, and the (1−ỹ) part of the picks) use u^γ⁻·log(1−u),
+    u = max(ŷ − m⁻, 0), instead of log(1−ŷ) (``pml_scale.losses.partial.negative_term``).
     ``block_l`` forces the tile width: rows longer than it take the split path.
     """
     r = forward(logits, states, pseudo, sample_ids, alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed,
                 epoch=epoch, p_threshold=p_threshold, p_rule=p_rule, need_grad=need_grad, block_l=block_l,
-                return_picks=return_picks, num_rows=num_rows, pseudo_weights=pseudo_weights)
+                return_picks=return_picks, num_rows=num_rows, pseudo_weights=pseudo_weights,
+                neg_gamma=neg_gamma, neg_margin=neg_margin)
     out = (r.row_loss, r.grad, r.yhat, r.p)
     return out + (r.picks,) if return_picks else out
 

@@ -109,7 +109,7 @@ class RunConfig(_Section):
 class DataConfig(_Section):
     root: Optional[str] = None  # dataset folder with manifest.json (the trainer requires it)
     build_demo: bool = False  # build the embedded demo dataset into root if absent
-    demo_dataset: Literal["digits", "longtail"] = "digits"  # which one build_demo makes
+    demo_dataset: Literal["digits", "longtail", "photos"] = "digits"  # which one build_demo makes
     setting: Annotated[str, AfterValidator(_label_setting)] = "FAL"
     setting_seed: int = 0
     observed: Optional[str] = None  # explicit observed-label file; default derived from setting
@@ -124,6 +124,12 @@ class DataConfig(_Section):
     on_error: str = "skip"
     train_split: str = "train"
     test_split: str = "test"
+    # > 0: carve a validation split from train (seeded by val_seed, default run.seed; a dataset
+    # that ships val_ids.npy defines its own): per-epoch evaluation and every choice use it; the
+    # test split is read once, at the end (eval.test)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    val_seed: Optional[int] = None
+    feature_cache: bool = False  # cache the output of the model.frozen_stages frozen units once (data.features)
 
 
 class ModelConfig(_Section):
@@ -136,6 +142,7 @@ class ModelConfig(_Section):
     # channels_last weights; "deepspeed" = DeepSpeed's bf16/fp16 mode (bf16 weights, NCHW)
     precision: Literal["autocast", "deepspeed"] = "autocast"
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    frozen_stages: int = Field(0, ge=0)  # leading units kept frozen (eval-mode BN, no gradient); efficientnet_lite0
 
 
 class LossConfig(_Section):
@@ -175,6 +182,7 @@ class PseudoConfig(_Section):
 
 class EvalConfig(_Section):
     partial: Optional[bool] = None  # None: masked mAP if the test labels contain -1
+    test: bool = True  # with a validation split: score the test split once after the last epoch
     save_per_class: bool = True
 
 

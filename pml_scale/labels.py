@@ -1,4 +1,4 @@
-"""Label states, the label-missing settings (DESIGN.md §1) and the observed-label store.
+"""Label states, the label-missing settings (docs/design.md §1) and the observed-label store.
 
 States are int8 everywhere: 1 positive, 0 negative, -1 missing.
 
@@ -204,7 +204,7 @@ def _ppl_chunk(chunk: np.ndarray, keys_row: np.ndarray, ratio: float | None) -> 
 def make_observed(full: np.ndarray, setting: str, ratio: float | None = None, seed: int = 0, *,
                   chunk_rows: int = 65536, progress: bool = False,
                   out: np.ndarray | None = None) -> np.ndarray:
-    """Observed int8 (N, L) labels of a label-missing setting, drawn from ``full`` (DESIGN.md §1).
+    """Observed int8 (N, L) labels of a label-missing setting, drawn from ``full`` (docs/design.md §1).
 
     FAL keeps all; PAL_r keeps round(r*L) slots per image chosen uniformly (positive or
     negative); PPL_r keeps max(1, round(r*n+)) of the n+ positives, no negatives (rows with

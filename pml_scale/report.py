@@ -27,8 +27,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-RESULT_COLUMNS = ("dataset", "setting", "method", "seed", "final_map", "best_map", "epochs", "wall_s",
-                  "status", "name")
+RESULT_COLUMNS = ("dataset", "setting", "method", "seed", "final_map", "best_map", "test_map", "eval_split",
+                  "epochs", "wall_s", "status", "name")
 TRACE_KEYS = ("alpha", "beta", "d", "p2_share")
 _SETTING_RE = re.compile(r"^(PAL|PPL)_(\d*\.?\d+)$")
 
@@ -130,7 +130,7 @@ def load_metrics(run_dir: str | Path) -> dict:
 def result_row(cell: dict, summary: dict | None, status: str) -> dict:
     """One results.csv row from a cell (dataset, setting, method, seed, name) and its summary."""
     row = {k: cell[k] for k in ("dataset", "setting", "method", "seed", "name")}
-    for k in ("final_map", "best_map", "epochs", "wall_s"):
+    for k in ("final_map", "best_map", "test_map", "eval_split", "epochs", "wall_s"):
         row[k] = summary.get(k) if summary else None
     row["status"] = status
     return row

@@ -7,7 +7,7 @@ work per step and no host RAM beyond the page cache of the rows touched.
 
 Sizes (what grows with N, L, ranks):
   PseudoLabelStore   N x L x 2 bytes logical, created instantly as a sparse file (zero bytes
-                     mean y~ = 0.5, DESIGN.md section 2); disk use grows as rows are written.
+                     mean y~ = 0.5, docs/design.md §2); disk use grows as rows are written.
                      5.6M x 600 -> 6.7 GB; 5.6M x 10k -> 112 GB (use pseudo.sync=affinity and
                      per-node subsets, or fewer labels, at that scale).
   RoleEstimates      N x L x 4 bytes, dense (its initial values are random), written once at
@@ -252,7 +252,7 @@ class _RowStore:
 
 
 class PseudoLabelStore(_RowStore):
-    """Pseudo labels y~ (DESIGN.md section 1, Eq. 5), stored as float16 y~ - init so that a fresh
+    """Pseudo labels y~ (docs/design.md §1, Eq. 5), stored as float16 y~ - init so that a fresh
     sparse file reads as y~ = init everywhere: 0.5 (the paper), or a per-label initial value
     (``init``, e.g. the class prior: ours+), kept in the header. Precision: 2**-12 absolute near
     y~ = 0 or 1."""

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .atomic import atomic_write_json
+from .atomic import atomic_path, atomic_write_json
 from .config import deepspeed_config, load_config, parse_cli, save_resolved
 from .data.format import labels_path, open_labels, read_manifest
 from .data.label_traffic import LabelTraffic, debug_dump_dir
@@ -65,10 +65,15 @@ def ensure_dataset(cfg, dist_info) -> dict:
     # leave the ranks with different numbers of barriers
     if cfg.data.build_demo and broadcast_object(not (root / "manifest.json").exists()):
         if dist_info.is_local_main and not (root / "manifest.json").exists():
-            from .data.demo import build_demo
-
             print(f"[pml-scale] building the embedded demo dataset '{cfg.data.demo_dataset}' in {root} ...", flush=True)
-            build_demo(root, dataset=cfg.data.demo_dataset, seed=0, progress=True)
+            if cfg.data.demo_dataset == "photos":
+                from .data.demo_photos import build_photos
+
+                build_photos(root, seed=0, progress=True)
+            else:
+                from .data.demo import build_demo
+
+                build_demo(root, dataset=cfg.data.demo_dataset, seed=0, progress=True)
         barrier()
     return read_manifest(root)
 
@@ -106,14 +111,56 @@ def expected_positives(full_train: ObservedLabels) -> float:
     return int(full_train.positives_per_class().sum()) / max(full_train.num_samples, 1)
 
 
-def make_loader(cfg, split: str, *, train: bool, dist_info, batch_size: int):
-    lc = LoaderConfig(root=cfg.data.root, split=split, backend=cfg.data.backend, image_size=cfg.data.image_size,
-                      batch_size=batch_size, train=train, augment=cfg.data.augment, hflip=cfg.data.hflip,
-                      workers=cfg.data.workers, dtype=cfg.model.dtype if cfg.model.dtype != "fp32" else "float32",
-                      on_error=cfg.data.on_error, affinity=cfg.data.affinity if train else "none",
-                      seed=cfg.run.seed)
+def val_seed(cfg) -> int:
+    return cfg.run.seed if cfg.data.val_seed is None else cfg.data.val_seed
+
+
+def loader_config(cfg, split: str, *, train: bool, batch_size: int, subset: str = "all",
+                  features: str | None = None) -> LoaderConfig:
+    return LoaderConfig(root=cfg.data.root, split=split, backend=cfg.data.backend, image_size=cfg.data.image_size,
+                        batch_size=batch_size, train=train, augment=cfg.data.augment, hflip=cfg.data.hflip,
+                        workers=cfg.data.workers, dtype=cfg.model.dtype if cfg.model.dtype != "fp32" else "float32",
+                        on_error=cfg.data.on_error, affinity=cfg.data.affinity if train else "none",
+                        seed=cfg.run.seed, subset=subset, val_fraction=cfg.data.val_fraction,
+                        val_seed=val_seed(cfg), val_ids=dataset_val_ids(cfg), features=features)
+
+
+def dataset_val_ids(cfg) -> str | None:
+    """The dataset's own validation ids (``val_ids.npy`` in data.root, e.g. the photos dataset's
+    held-out exemplars), used instead of a random carve when data.val_fraction > 0."""
+    path = Path(cfg.data.root) / "val_ids.npy"
+    return str(path) if cfg.data.val_fraction > 0 and path.exists() else None
+
+
+def make_loader(cfg, split: str, *, train: bool, dist_info, batch_size: int, subset: str = "all",
+                features: Path | None = None):
+    lc = loader_config(cfg, split, train=train, batch_size=batch_size, subset=subset,
+                       features=str(features / f"{split}.npy") if features is not None else None)
     return build_loader(lc, rank=dist_info.rank, world_size=dist_info.world_size, local_rank=dist_info.local_rank,
                         device=dist_info.device)
+
+
+def ensure_features(cfg, dist_info, num_labels: int) -> Path | None:
+    """The frozen trunk's feature cache (``data.feature_cache``), built by one process per node.
+    The trunk is built under a fixed seed, so a random-init trunk is the same on every rank."""
+    if not cfg.data.feature_cache:
+        return None
+    from .data.features import ensure_cache
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model.name, num_labels, pretrained=cfg.model.pretrained, channels_last=False)
+    if cfg.model.frozen_stages < 1:
+        raise ValueError("data.feature_cache=true needs model.frozen_stages >= 1 (the units to cache)")
+    splits = {cfg.data.train_split: 2 if cfg.data.hflip > 0 else 1, cfg.data.test_split: 1}
+    lc = loader_config(cfg, cfg.data.train_split, train=False, batch_size=cfg.data.eval_batch_size)
+    folder = None
+    if dist_info.is_local_main:
+        folder = ensure_cache(cfg.data.root, model, cfg.model.name, cfg.model.frozen_stages, lc, splits,
+                              progress=dist_info.is_main)
+    folder = broadcast_object(str(folder) if folder is not None else None)
+    barrier()
+    return Path(folder)
 
 
 # ------------------------------------------------------------------------------------- schedule
@@ -194,6 +241,9 @@ class RunData:
     train_loader: Any
     eval_loader: Any
     steps_per_epoch: int
+    eval_labels: ObservedLabels  # rows by id of the split eval_loader reads (the train labels for "val")
+    eval_name: str  # "val" (carved from train: every choice is made on it) or "test"
+    features: Path | None = None  # the feature cache folder (data.feature_cache)
 
     @property
     def num_train(self) -> int:
@@ -301,17 +351,21 @@ def build_data(cfg, dist_info) -> RunData:
     if observed.num_labels != num_labels:
         raise ValueError(f"{observed_path(cfg)}: {observed.num_labels} labels, but the manifest has {num_labels}")
 
+    features = ensure_features(cfg, dist_info, num_labels)
+    has_val = cfg.data.val_fraction > 0
     train_loader = make_loader(cfg, cfg.data.train_split, train=True, dist_info=dist_info,
-                               batch_size=cfg.data.batch_size)
-    eval_loader = make_loader(cfg, cfg.data.test_split, train=False, dist_info=dist_info,
-                              batch_size=cfg.data.eval_batch_size)
+                               batch_size=cfg.data.batch_size, subset="fit" if has_val else "all", features=features)
+    eval_split = cfg.data.train_split if has_val else cfg.data.test_split
+    eval_loader = make_loader(cfg, eval_split, train=False, dist_info=dist_info, batch_size=cfg.data.eval_batch_size,
+                              subset="val" if has_val else "all", features=features)
     steps_per_epoch = train_loader.batches_per_epoch
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} × {dist_info.world_size} ranks exceeds the "
                          f"{num_train} training samples: no full batch per epoch")
     return RunData(manifest=manifest, num_labels=num_labels, full_train=full_train, test_labels=test_labels,
                    observed=observed, train_loader=train_loader, eval_loader=eval_loader,
-                   steps_per_epoch=steps_per_epoch)
+                   steps_per_epoch=steps_per_epoch, eval_labels=full_train if has_val else test_labels,
+                   eval_name="val" if has_val else "test", features=features)
 
 
 def build_loss_and_stores(cfg, dist_info, run_dir: Path, data: RunData) -> LossAndStores:
@@ -389,7 +443,11 @@ def build_engine(cfg, dist_info, data: RunData):
     # channels_last weights break (finish_engine converts them afterwards where the recipe allows)
     model = build_model(cfg.model.name, data.num_labels, pretrained=cfg.model.pretrained, channels_last=False,
                         head_dropout=cfg.model.head_dropout)
-    optimizer = make_optimizer(cfg, model.parameters())
+    if cfg.model.frozen_stages or data.features is not None:
+        if not hasattr(model, "freeze"):
+            raise ValueError(f"model.frozen_stages needs a model with units (efficientnet_lite0), not {cfg.model.name!r}")
+        model.freeze(cfg.model.frozen_stages, from_features=data.features is not None)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])  # frozen units: none
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, data.steps_per_epoch))
     ds_config = engine_config(deepspeed_config(cfg, world_size=dist_info.world_size), cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -558,14 +616,16 @@ def end_epoch(t: Trainer, epoch: int) -> None:
 def finish(t: Trainer) -> dict:
     """The run's summary: written last (summary.json marks a finished run) and printed, by rank 0."""
     cfg, state, dist_info = t.cfg, t.state, t.dist_info
+    test_map = test_once(t)
     summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
+               "eval_split": t.data.eval_name, "test_map": test_map if t.data.eval_name == "val" else state["last_map"],
                "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
                "dataset": Path(cfg.data.root).name,
                "world_size": dist_info.world_size, "skipped_samples": t.data.train_loader.skipped,
                "wall_s": time.time() - t.t_start}
     if dist_info.is_main:
         atomic_write_json(t.run_dir / "summary.json", summary)
-        print(f"[pml-scale] {cfg.run.name}: final mAP {100 * (summary['final_map'] or 0):.2f}  "
+        print(f"[pml-scale] {cfg.run.name}: final {t.data.eval_name} mAP {100 * (summary['final_map'] or 0):.2f}  "
               f"best {100 * summary['best_map']:.2f} (epoch {summary['best_epoch']})  "
               f"{summary['wall_s']:.0f} s", flush=True)
     return summary
@@ -665,7 +725,7 @@ def alpha_beta_host_counts(loss_fn, states: np.ndarray, pseudo: torch.Tensor, id
 def prepare_images(images: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """The model's input dtype and memory format (under autocast the convolutions cast anyway)."""
     images = images.to(dtype)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 
 
 def _share(shares: dict, name: str, since: float) -> float:
@@ -721,36 +781,64 @@ class EpochClock:
 
 
 def evaluate_epoch(t: Trainer, epoch: int) -> float:
-    """Score the test split (every rank predicts its share, rank 0 scores) and keep best.pt; returns
-    the mAP, with best_map/best_epoch in ``t.state`` the same on every rank."""
-    engine, eval_loader, cfg, tracker, run_dir, dist_info, state = (
-        t.engine, t.data.eval_loader, t.cfg, t.tracker, t.run_dir, t.dist_info, t.state)
-    test_labels, full_train, manifest, num_labels = (
-        t.data.test_labels, t.data.full_train, t.data.manifest, t.data.num_labels)
-    bar = tracker.progress(eval_loader.batches_per_epoch, "eval")
-    scores, ids = predict(engine, eval_loader, epoch=0, num_labels=num_labels, progress=bar,
-                          prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
-    bar.close()
+    """Score the evaluation split (validation if carved, else test; every rank predicts its share,
+    rank 0 scores) and keep best.pt; returns the mAP, with best_map/best_epoch in ``t.state`` the
+    same on every rank."""
+    state, dist_info, run_dir = t.state, t.dist_info, t.run_dir
+    m_ap, per_class, n = score_split(t, t.data.eval_loader, t.data.eval_labels)
     result = None
     if dist_info.is_main:
-        (m_ap, per_class), n = score(scores, ids, test_labels, partial=cfg.eval.partial)
-        tracker.log("eval", state["global_step"], epoch=epoch, map=float(m_ap),
-                    num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
-        print(f"[pml-scale] epoch {epoch + 1}: mAP {100 * m_ap:.2f} on {n} test images", flush=True)
-        if cfg.eval.save_per_class:
-            freq = full_train.positives_per_class()
-            atomic_write_json(run_dir / "per_class_ap.json", {
-                "epoch": epoch, "ap": [None if not np.isfinite(a) else float(a) for a in per_class],
-                "class_freq": freq.tolist(), "classes": manifest["classes"]})
+        t.tracker.log("eval", state["global_step"], epoch=epoch, map=float(m_ap), split=t.data.eval_name,
+                      num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
+        print(f"[pml-scale] epoch {epoch + 1}: mAP {100 * m_ap:.2f} on {n} {t.data.eval_name} images", flush=True)
+        if t.cfg.eval.save_per_class:
+            save_per_class(t, run_dir / "per_class_ap.json", epoch, per_class)
         if m_ap > state["best_map"]:
             state["best_map"], state["best_epoch"] = float(m_ap), epoch
-            tmp = run_dir / ".best.pt.tmp"
-            torch.save(engine.module.state_dict(), tmp)
-            os.replace(tmp, run_dir / "best.pt")
+            with atomic_path(run_dir / "best.pt") as tmp:
+                torch.save(t.engine.module.state_dict(), tmp)
         result = float(m_ap)
     result = broadcast_object(result)
     state.update(broadcast_object({"best_map": state["best_map"], "best_epoch": state["best_epoch"]}))
     return result
+
+
+def score_split(t: Trainer, loader, labels: ObservedLabels):
+    """(mAP, per-class AP, images) of the current model on ``loader``'s split (on rank 0; None
+    elsewhere): every rank predicts its share, rank 0 scores against ``labels`` (rows by id)."""
+    cfg = t.cfg
+    bar = t.tracker.progress(loader.batches_per_epoch, "eval")
+    scores, ids = predict(t.engine, loader, epoch=0, num_labels=t.data.num_labels, progress=bar,
+                          prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
+    bar.close()
+    if not t.dist_info.is_main:
+        return None, None, None
+    (m_ap, per_class), n = score(scores, ids, labels, partial=cfg.eval.partial)
+    return m_ap, per_class, n
+
+
+def save_per_class(t: Trainer, path: Path, epoch: int, per_class: np.ndarray) -> None:
+    """Per-class AP beside the training-set frequency of each class (for the long-tail plots)."""
+    freq = t.data.full_train.positives_per_class()  # dense: block by block; CSR: from the listed entries
+    atomic_write_json(path, {"epoch": epoch, "ap": [None if not np.isfinite(a) else float(a) for a in per_class],
+                             "class_freq": freq.tolist(), "classes": t.data.manifest["classes"]})
+
+
+def test_once(t: Trainer) -> float | None:
+    """With a validation split: the test split scored once, after the last epoch (eval.test)."""
+    if t.data.eval_name != "val" or not t.cfg.eval.test:
+        return None
+    loader = make_loader(t.cfg, t.cfg.data.test_split, train=False, dist_info=t.dist_info,
+                         batch_size=t.cfg.data.eval_batch_size, features=t.data.features)
+    try:
+        m_ap, per_class, n = score_split(t, loader, t.data.test_labels)
+    finally:
+        loader.close()
+    if t.dist_info.is_main:
+        print(f"[pml-scale] test (read once): mAP {100 * m_ap:.2f} on {n} test images", flush=True)
+        if t.cfg.eval.save_per_class:
+            save_per_class(t, t.run_dir / "per_class_ap_test.json", t.cfg.run.epochs - 1, per_class)
+    return broadcast_object(float(m_ap) if m_ap is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

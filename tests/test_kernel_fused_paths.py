@@ -3,7 +3,8 @@
 Paths: ``row`` (whole rows in one or two tiles) and ``split`` (stats kernel + fused kernel),
 each with contiguous aligned-window addressing (L % 16 != 0, B·L % 16 == 0), plain contiguous
 addressing, and strided inputs. API: α/β from a device tensor (``coef``), the batch divisor
-``num_rows``, ``picked_pseudo_sums``, in-place backward scaling, the ticket reduction.
+``num_rows``, ``picked_pseudo_sums``, in-place backward scaling, the ticket reduction; the ours+
+negative-side options (NEG_FOCUS) on every path.
 Runs on CPU under TRITON_INTERPRET=1 (conftest.py); the ``gpu`` tests run the compiled kernels.
 """
 
@@ -19,7 +20,8 @@ import pml_scale.kernels.partial_label as pl
 from pml_scale.kernels import (Config, FusedPartialLabelLoss, fused_partial_label_loss, partial_label_forward,
                                picked_pseudo_sums)
 from pml_scale.losses.picks import pick_mask
-from test_kernel_partial_label import EPOCH, SEED, assert_yhat, make_inputs, ref_loss, rel_err
+from test_kernel_partial_label import (EPOCH, NEG_OPTIONS, SEED, WEIGHTINGS, assert_yhat, make_inputs, neg_inputs,
+                                      ref_loss, ref_loss_lib, rel_err)
 
 KW = dict(alpha=0.3, beta=0.7, d=1.3, q=0.5, seed=SEED, epoch=EPOCH)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,6 +86,56 @@ def test_paths_match_reference(monkeypatch, B, L, cfg):
     assert torch.equal(p.double(), r_p)
     assert_yhat(yhat, logits)
     assert (grad[0] != 0).any() and r_ns[0] > 0  # the no-observed row learns from its picks
+
+
+# every path with the ours+ negative terms (NEG_FOCUS): (B, L, forced config or None)
+NEG_PATH_CASES = [
+    (16, 80, "row:bb4:w64+16:nw4:ns1"),       # row, 2-D, two tiles
+    (3, 9605, None),                          # one row per program (1-D), plain, 8192 + 2048
+    (8, 600, "row:bb1:w1024:nw4:ns1"),        # one row per program, window
+    (8, 600, "split:bb1:w256:nw4:ns1"),       # split, window (240 owned columns per tile)
+    (5, 600, "split:bb1:w256:nw4:ns1"),       # split, plain
+    (2, 16400, None),                         # rows longer than 16384: split (stats sweep + fused sweep)
+]
+
+
+@pytest.mark.parametrize("B,L,cfg,neg_gamma,neg_margin,dtype", [
+    (*case, *opt, (torch.float32, torch.bfloat16)[(i + j) % 2])  # each path and each option in both dtypes
+    for i, case in enumerate(NEG_PATH_CASES) for j, opt in enumerate(NEG_OPTIONS)], ids=str)
+def test_neg_options_paths_match_reference(monkeypatch, B, L, cfg, neg_gamma, neg_margin, dtype):
+    """γ⁻/m⁻ on every launch path vs the library's torch reference (float64): loss, gradient, ŷ, p.
+    fp32 with the paper's weights, bf16 with "capped" at α > β; tolerances of the plain tests."""
+    forced(monkeypatch, cfg)
+    pseudo_weights, (alpha, beta) = WEIGHTINGS[dtype == torch.bfloat16]
+    logits, states, pseudo, ids = neg_inputs(B, L, gen_seed=B * 7 + L, dtype=dtype, pseudo_dtype=torch.float16)
+    loss, grad, yhat, p = run_kernel(logits, states, pseudo, ids, alpha=alpha, beta=beta,
+                                     pseudo_weights=pseudo_weights, neg_gamma=neg_gamma, neg_margin=neg_margin)
+    plan = next(iter(pl._PLANS.values()))
+    assert plan.flags["NEG_FOCUS"] and (plan.cfg.path == "split") == (L > 16384 or "split" in (cfg or ""))
+    assert plan.window == (L % 16 != 0 and (B * L) % 16 == 0)
+    r_loss, r_grad, r_p, _ = ref_loss_lib(logits, states, pseudo, ids, neg_gamma=neg_gamma, neg_margin=neg_margin,
+                                          pseudo_weights=pseudo_weights, alpha=alpha, beta=beta)
+    if dtype == torch.float32:
+        assert rel_err(loss, r_loss) <= 1e-5 and rel_err(grad, r_grad) <= 1e-5
+        torch.testing.assert_close(grad.double(), r_grad, rtol=1e-5, atol=1e-9)
+    else:
+        assert grad.dtype == dtype and rel_err(loss, r_loss) <= 1e-2 and rel_err(grad, r_grad) <= 1e-2
+    assert torch.equal(p.double(), r_p)
+    assert_yhat(yhat, logits)
+    assert (grad[0] != 0).any()  # the no-observed row learns from its picks
+
+
+@pytest.mark.parametrize("cfg", ["split:bb1:w256:nw4:ns1", "row:bb1:w1024:nw4:ns1"])
+def test_neg_options_gradient_bits_do_not_depend_on_the_config(monkeypatch, cfg):
+    """As for the paper's terms: the ours+ gradient, ŷ and p are the same bits on every path."""
+    logits, states, pseudo, ids = neg_inputs(8, 600, gen_seed=9)
+    kw = dict(neg_gamma=2.0, neg_margin=0.05)
+    forced(monkeypatch, None)
+    want = run_kernel(logits, states, pseudo, ids, **kw)
+    forced(monkeypatch, cfg)
+    got = run_kernel(logits, states, pseudo, ids, **kw)
+    assert all(torch.equal(u, v) for u, v in zip(got[1:], want[1:]))
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("B,L", [(16, 600), (5, 300)])
@@ -414,6 +466,31 @@ def test_gpu_paths_match_reference(monkeypatch, B, L, cfg, dtype):
     assert rel_err(loss.cpu(), r_loss) <= tol and rel_err(grad.cpu(), r_grad) <= grad_tol
     assert (p.cpu().double() != r_p).sum() <= 1  # σ(max s) at the 0.1 threshold may round either way
     assert_yhat(yhat.cpu(), logits.cpu())
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L,cfg,neg_gamma,neg_margin,dtype", [
+    (*case, *opt, (torch.float32, torch.bfloat16)[(i + j) % 2])  # each path and each option in both dtypes
+    for i, case in enumerate([(256, 600, None), (64, 9605, "split:bb1:w4096:nw8:ns1"), (8, 100_000, None)])
+    for j, opt in enumerate(NEG_OPTIONS)], ids=str)
+def test_gpu_neg_options_match_reference(monkeypatch, B, L, cfg, neg_gamma, neg_margin, dtype):
+    """The compiled ours+ specialisation (MUFU lg2/ex2/rcp approximations, which the interpreter
+    does not run) vs the library's float64 reference; tolerances of ``test_gpu_paths_match_reference``."""
+    monkeypatch.setenv("PML_KERNEL_TUNE", "0")
+    forced(monkeypatch, cfg)
+    pseudo_weights, (alpha, beta) = WEIGHTINGS[dtype == torch.bfloat16]
+    logits, states, pseudo, ids = neg_inputs(B, L, gen_seed=L, dtype=dtype, pseudo_dtype=torch.float16)
+    loss, grad, yhat, p = run_kernel(logits.cuda(), states.cuda(), pseudo.cuda(), ids.cuda(), alpha=alpha, beta=beta,
+                                     pseudo_weights=pseudo_weights, neg_gamma=neg_gamma, neg_margin=neg_margin)
+    r_loss, r_grad, r_p, _ = ref_loss_lib(logits, states, pseudo, ids, neg_gamma=neg_gamma, neg_margin=neg_margin,
+                                          pseudo_weights=pseudo_weights, alpha=alpha, beta=beta)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-3
+    grad_tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8 * 1.05
+    assert torch.isfinite(grad).all()
+    assert rel_err(loss.cpu(), r_loss) <= tol and rel_err(grad.cpu(), r_grad) <= grad_tol
+    assert (p.cpu().double() != r_p).sum() <= 1
+    assert_yhat(yhat.cpu(), logits)
 
 
 @requires_cuda

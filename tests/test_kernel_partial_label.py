@@ -1,4 +1,5 @@
-"""Fused Triton loss kernel vs an independent float64 PyTorch reference of DESIGN.md §1.
+"""Fused Triton loss kernel vs an independent float64 PyTorch reference of docs/design.md §1, and,
+for the ours+ negative-side options (neg_gamma, neg_margin), vs the library's torch loss in float64.
 
 Runs on CPU under TRITON_INTERPRET=1 (set by conftest.py before triton is imported).
 """
@@ -44,7 +45,7 @@ def np_picks(ids: torch.Tensor, L: int, seed: int, epoch: int, q: float) -> torc
 
 def ref_loss(logits, states, pseudo, ids, *, alpha, beta, d, q, seed, epoch, p_threshold=0.1,
              p_rule="text"):
-    """DESIGN.md §1 written literally in float64; returns (loss, grad wrt logits, p, |S|)."""
+    """docs/design.md §1 written literally in float64; returns (loss, grad wrt logits, p, |S|)."""
     s = logits.detach().double().requires_grad_(True)
     yt = pseudo.double()
     y = torch.sigmoid(s)
@@ -301,6 +302,15 @@ def test_no_grad_forward_matches_and_skips_gradient():
     (dict(seed=-1), "seed must be an integer"),
     (dict(epoch=2 ** 32), "epoch must be an integer"),
     (dict(alpha=float("nan")), "alpha must be a finite float"),
+    (dict(neg_gamma=-0.5), r"neg_gamma .*must be in \[0, 8\]"),
+    (dict(neg_gamma=8.5), r"neg_gamma .*must be in \[0, 8\]"),
+    (dict(neg_gamma=float("inf")), "neg_gamma must be a finite float"),
+    (dict(neg_gamma="2"), "neg_gamma must be a host float"),
+    (dict(neg_gamma=torch.tensor(2.0)), "neg_gamma must be a host float"),
+    (dict(neg_margin=1.0), r"neg_margin .*must be in \[0, 1\)"),
+    (dict(neg_margin=-0.05), r"neg_margin .*must be in \[0, 1\)"),
+    (dict(neg_margin=float("nan")), "neg_margin must be a finite float"),
+    (dict(neg_margin=True), "neg_margin must be a host float"),
 ])
 def test_bad_input_errors(change, match):
     args = dict(logits=torch.zeros(2, 5), states=torch.zeros(2, 5, dtype=torch.int8), pseudo=torch.zeros(2, 5),
@@ -431,3 +441,155 @@ def test_capped_weights_in_the_kernel(ab, same_as):
     for coef in (False, True):
         (l_c, g_c), (l_s, g_s) = run("capped", coef), run(same_as, coef)
         assert l_c == l_s and torch.equal(g_c, g_s)
+
+
+# --------------------------------------------------------------------------- ours+ negative-side terms
+NEG_OPTIONS = [(2.0, 0.0), (0.0, 0.05), (4.0, 0.1)]  # (neg_gamma γ⁻, neg_margin m⁻)
+REF_TOTAL_EPOCHS = 10
+REF_M = REF_TOTAL_EPOCHS * float(np.log(KW["d"])) + REF_TOTAL_EPOCHS - EPOCH  # Eq. (9) "centered" gives d = KW["d"]
+
+
+def ref_loss_lib(logits, states, pseudo, ids, *, neg_gamma=0.0, neg_margin=0.0, pseudo_weights="alpha_beta",
+                 alpha=KW["alpha"], beta=KW["beta"], q=0.5, seed=SEED, epoch=EPOCH):
+    """The library's PyTorch reference (``paper_loss(backend="torch")`` and ``partial_label_loss_grad``)
+    in float64 with α, β (α + β = 1: counts P/T = β under the 'observed' reading; the kernel tests'
+    0.3, 0.7 by default), d = 1.3 and p by the text rule at 0.1; returns (loss, grad, p, ŷ), grad the autograd
+    gradient of the torch loss, checked against the closed form ``partial_label_loss_grad``."""
+    from pml_scale.losses.partial import PaperOptions, paper_loss, partial_label_loss_grad
+
+    assert epoch == EPOCH and alpha + beta == pytest.approx(1.0) and 0.05 <= beta <= 0.95
+    opts = dict(q=q, m=REF_M, neg_gamma=neg_gamma, neg_margin=neg_margin, pseudo_weights=pseudo_weights)
+    kw = dict(epoch=epoch, total_epochs=REF_TOTAL_EPOCHS, seed=seed, batch_counts=(beta, 1.0))
+    x = logits.detach().double().requires_grad_(True)
+    loss, stats, yhat = paper_loss(PaperOptions(**opts).check(), x, states, pseudo.double(), ids, backend="torch",
+                                   **kw)
+    assert (stats["alpha"], stats["beta"], stats["d"]) == pytest.approx((alpha, beta, KW["d"]), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, x)
+    closed = partial_label_loss_grad(logits.double(), states, pseudo.double(), ids, **kw, **opts)
+    # The closed form is NaN where ŷ rounds to 1 (s > ~36 in fp64) with m⁻ = 0 < γ⁻: negative_term_grad
+    # takes log(1 − ŷ) = log 0 and multiplies by ŷ(1 − ŷ) = 0. The loss's autograd is finite (≈ −1)
+    # there, so it is the gradient reference; elsewhere both agree.
+    finite = torch.isfinite(closed)
+    assert bool((logits.double()[~finite] > 36).all())
+    torch.testing.assert_close(grad[finite], closed[finite], rtol=1e-9, atol=1e-15)
+    p = torch.where(yhat.amax(1) < 0.1, 2.0, 1.0).double()
+    return loss.detach(), grad, p, yhat
+
+
+def neg_inputs(B, L, *, gen_seed, dtype=torch.float32, pseudo_dtype=torch.float32):
+    """``make_inputs`` plus saturated logits (|s| up to 100) and entries at ŷ ≈ m⁻ on row 3."""
+    logits, states, pseudo, ids = make_inputs(B, L, gen_seed=gen_seed)
+    if B > 3 and L >= 8:
+        logits[3, :8] = torch.tensor([-100.0, -30.0, -17.0, -2.944, -2.197, 17.0, 30.0, 100.0])  # σ(-2.944) ≈ 0.05
+        states[3, :8] = torch.tensor([0, 0, -1, 0, 0, -1, 0, 0], dtype=torch.int8)
+    return logits.to(dtype), states, pseudo.to(pseudo_dtype), ids
+
+
+def test_library_reference_helper_is_the_paper_at_zero():
+    """Sanity of ``ref_loss_lib``: with γ⁻ = m⁻ = 0 it is docs/design.md §1 (``ref_loss``) at α, β, d = KW."""
+    logits, states, pseudo, ids = neg_inputs(6, 50, gen_seed=1)
+    loss, grad, p, _ = ref_loss_lib(logits, states, pseudo, ids)
+    r_loss, r_grad, r_p, _ = ref_loss(logits, states, pseudo, ids, q=0.5, **KW)
+    assert loss.item() == pytest.approx(r_loss.item(), rel=1e-12)
+    torch.testing.assert_close(grad, r_grad, rtol=1e-10, atol=1e-16)
+    assert torch.equal(p, r_p)
+
+
+# pseudo-term weights with their (α, β): "capped" with α > β takes its balanced branch
+WEIGHTINGS = [("alpha_beta", (KW["alpha"], KW["beta"])), ("capped", (0.8, 0.2))]
+
+
+@pytest.mark.parametrize("neg_gamma,neg_margin", NEG_OPTIONS)
+@pytest.mark.parametrize("pseudo_weights,ab", WEIGHTINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neg_options_match_library_reference(neg_gamma, neg_margin, pseudo_weights, ab, dtype):
+    """Kernel (row path, 2-D tiles of 16 rows) vs the torch reference with the ours+ negative terms:
+    loss, gradient, ŷ, p; tolerances of the plain tests (1e-5 fp32, 1e-2 bf16)."""
+    logits, states, pseudo, ids = neg_inputs(9, 77, gen_seed=17, dtype=dtype)
+    x = logits.clone().requires_grad_(True)
+    params = dict(KW, alpha=ab[0], beta=ab[1], q=0.5, pseudo_weights=pseudo_weights, neg_gamma=neg_gamma,
+                  neg_margin=neg_margin)
+    loss, yhat, p = fused_partial_label_loss(x, states, pseudo, ids, **params)
+    loss.backward()
+    r_loss, r_grad, r_p, _ = ref_loss_lib(logits, states, pseudo, ids, neg_gamma=neg_gamma, neg_margin=neg_margin,
+                                          pseudo_weights=pseudo_weights, alpha=ab[0], beta=ab[1])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert rel_err(loss, r_loss) <= tol and rel_err(x.grad, r_grad) <= tol
+    if dtype == torch.float32:  # elementwise too: the saturated and at-the-margin entries of row 3
+        torch.testing.assert_close(x.grad.double(), r_grad, rtol=1e-5, atol=1e-9)
+    assert torch.equal(p.double(), r_p)
+    assert_yhat(yhat, logits)
+    # the options change the loss: the plain kernel gives another value
+    plain = fused_partial_label_loss(logits, states, pseudo, ids, **dict(params, neg_gamma=0.0, neg_margin=0.0))
+    assert plain[0].item() != pytest.approx(loss.item(), rel=1e-3)
+    assert torch.equal(plain[1], yhat) and torch.equal(plain[2], p)  # ŷ and p do not depend on them
+
+
+@pytest.mark.parametrize("neg_gamma,neg_margin", NEG_OPTIONS + [(0.5, 0.2)])
+def test_neg_options_hand_computed_single_row(neg_gamma, neg_margin):
+    """s = 0 everywhere (ŷ = 1/2), states [+, −, missing], q = 1, ỹ = 0.25: the closed forms
+    N = u^γ ln(1−u) and dN/ds = ŷ(1−ŷ)[γ u^(γ−1) ln(1−u) − u^γ/(1−u)], u = 1/2 − m."""
+    g, m = neg_gamma, neg_margin
+    u = 0.5 - m
+    N = u ** g * np.log(1 - u)
+    dN = 0.25 * (g * u ** (g - 1) * np.log(1 - u) - u ** g / (1 - u))
+    a, b, d, l2 = 0.3, 0.7, 2.0, np.log(0.5)
+    expect = -(a * (0.5 * l2 + d * 0.25 * l2) + b * (0.5 * N + d * 0.75 * N))
+    x = torch.zeros(1, 3, requires_grad=True)
+    states = torch.tensor([[1, 0, -1]], dtype=torch.int8)
+    loss, _, _ = fused_partial_label_loss(x, states, torch.tensor([[0.9, 0.9, 0.25]]), torch.tensor([7]), alpha=a,
+                                          beta=b, d=d, q=1.0, seed=1, epoch=0, neg_gamma=g, neg_margin=m)
+    loss.backward()
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    want = [-a * 0.5 / 2, -b * dN / 2, -d * (a * 0.25 * 0.5 + b * 0.75 * dN)]
+    assert x.grad[0].tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_default_negatives_are_the_plain_kernel_bit_for_bit():
+    """γ⁻ = m⁻ = 0, explicit (as floats, ints, -0.0) or omitted, launches the unchanged plain
+    specialisation: identical loss, gradient, ŷ and p, in the kernel and through the library."""
+    import pml_scale.kernels.partial_label as pl
+    from pml_scale.losses import partial_label_loss_with_stats
+
+    logits, states, pseudo, ids = neg_inputs(9, 77, gen_seed=3)
+    pl.clear_caches()
+    outs = []
+    for extra in (dict(), dict(neg_gamma=0.0, neg_margin=0.0), dict(neg_gamma=0, neg_margin=-0.0)):
+        x = logits.clone().requires_grad_(True)
+        loss, yhat, p = fused_partial_label_loss(x, states, pseudo, ids, q=0.5, **KW, **extra)
+        loss.backward()
+        outs.append((loss.detach(), x.grad, yhat, p))
+    for out in outs[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(out, outs[0]))
+    flags = [plan.flags["NEG_FOCUS"] for plan in pl._PLANS.values()]
+    assert flags and not any(flags)
+    lib = []
+    for extra in (dict(), dict(neg_gamma=0.0, neg_margin=0.0)):
+        x = logits.clone().requires_grad_(True)
+        loss, _, yhat = partial_label_loss_with_stats(x, states, pseudo, ids, backend="triton", epoch=EPOCH,
+                                                      total_epochs=10, seed=SEED, **extra)
+        loss.backward()
+        lib.append((loss.detach(), x.grad, yhat))
+    assert all(torch.equal(u, v) for u, v in zip(lib[0], lib[1]))
+
+
+@pytest.mark.parametrize("neg_gamma,neg_margin", NEG_OPTIONS)
+def test_triton_backend_with_neg_options_matches_torch_backend(neg_gamma, neg_margin):
+    """The library's triton backend takes the options (it raised NotImplementedError before) and
+    equals its torch backend, as the plain options do (tolerances of that test)."""
+    from pml_scale.losses import partial_label_loss_with_stats
+
+    logits, states, pseudo, ids = neg_inputs(9, 77, gen_seed=11)
+    kw = dict(epoch=2, total_epochs=7, seed=3, q=0.6, alpha_beta="seen", pseudo_weights="capped",
+              neg_gamma=neg_gamma, neg_margin=neg_margin)
+    out = {}
+    for backend in ("torch", "triton"):
+        x = logits.clone().requires_grad_(True)
+        loss, stats, yhat = partial_label_loss_with_stats(x, states, pseudo, ids, backend=backend, **kw)
+        loss.backward()
+        out[backend] = (loss.item(), x.grad, yhat.float(), stats["alpha"], stats["beta"])
+    (l0, g0, y0, a0, b0), (l1, g1, y1, a1, b1) = out["torch"], out["triton"]
+    assert l1 == pytest.approx(l0, rel=2e-5) and (a1, b1) == pytest.approx((a0, b0))
+    assert torch.allclose(g1, g0, rtol=2e-4, atol=1e-7)
+    assert torch.allclose(y1, y0, atol=1e-3)

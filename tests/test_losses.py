@@ -249,7 +249,7 @@ def test_paper_edge_rows_q0_q1(q):
 
 
 def loop_reference(logits, states, pseudo, picks, alpha, beta, d, p_thr):
-    """A second, element-by-element implementation of DESIGN.md §1 (text rule)."""
+    """A second, element-by-element implementation of docs/design.md §1 (text rule)."""
     B, L = len(logits), len(logits[0])
     total = 0.0
     for i in range(B):
@@ -558,3 +558,35 @@ def test_bad_inputs_name_the_argument(name):
     if name == "paper":
         with pytest.raises(ValueError, match="pseudo must lie in"):
             call(pseudo=pseudo + 1)
+
+
+# ------------------------------------------------------------------ ours+ negative-side options
+@pytest.mark.parametrize("gamma,margin", [(2.0, 0.0), (0.5, 0.0), (0.0, 0.05), (4.0, 0.1), (1.0, 0.3)])
+@pytest.mark.parametrize("weights", ["alpha_beta", "capped"])
+def test_negative_focusing_closed_form_gradient_equals_autograd(gamma, margin, weights):
+    from pml_scale.losses.partial import partial_label_loss, partial_label_loss_grad
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 17, generator=g, dtype=torch.float64) * 4
+    x[0, :4] = torch.tensor([-60.0, -30.0, 30.0, 60.0], dtype=torch.float64)  # saturated logits stay finite
+    states = torch.randint(-1, 2, (9, 17), generator=g).to(torch.int8)
+    pseudo = torch.rand(9, 17, generator=g, dtype=torch.float64)
+    ids = torch.arange(9)
+    kw = dict(epoch=1, total_epochs=4, seed=3, neg_gamma=gamma, neg_margin=margin, pseudo_weights=weights)
+    xx = x.clone().requires_grad_()
+    partial_label_loss(xx, states, pseudo, ids, **kw).backward()
+    closed = partial_label_loss_grad(x, states, pseudo, ids, **kw)
+    assert torch.isfinite(closed).all()
+    torch.testing.assert_close(closed, xx.grad, rtol=1e-9, atol=1e-15)
+
+
+def test_negative_term_by_hand():
+    from pml_scale.losses.partial import negative_term
+
+    x = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64)  # ŷ = 0.5, 0.75
+    assert torch.equal(negative_term(x), torch.nn.functional.logsigmoid(-x))  # the paper's term, bit for bit
+    want_focus = torch.tensor([0.5 ** 2 * math.log(0.5), 0.75 ** 2 * math.log(0.25)], dtype=torch.float64)
+    torch.testing.assert_close(negative_term(x, 2.0, 0.0), want_focus)
+    # margin 0.6: ŷ = 0.5 is below it (no loss), ŷ = 0.75 becomes u = 0.15
+    torch.testing.assert_close(negative_term(x, 0.0, 0.6), torch.tensor([0.0, math.log(0.85)], dtype=torch.float64))
+    torch.testing.assert_close(negative_term(x, 1.0, 0.6), torch.tensor([0.0, 0.15 * math.log(0.85)], dtype=torch.float64))

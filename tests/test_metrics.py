@@ -10,7 +10,7 @@ from pml_scale.metrics import class_frequencies, mean_average_precision
 
 
 def _sklearn_ap(scores, states, partial):
-    """Reference: per class, drop missing entries, skip classes as DESIGN.md says."""
+    """Reference: per class, drop missing entries, skip classes as docs/design.md §1 says."""
     out = []
     for j in range(states.shape[1]):
         keep = states[:, j] != -1

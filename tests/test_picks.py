@@ -1,4 +1,4 @@
-"""pick_mask: the counter-based q-picks of missing labels (DESIGN.md §1, Eq. 12)."""
+"""pick_mask: the counter-based q-picks of missing labels (docs/design.md §1, Eq. 12)."""
 
 import math
 import random

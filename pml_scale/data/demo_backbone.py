@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_bytes, atomic_write_json
+from ..imagenet import IMAGENET_MEAN, IMAGENET_STD
 from ..model import TinyResNet
 from .demo import COLOURS, DIGITS, NUM_DIGITS, _compose, writer_pools
 
@@ -35,8 +36,8 @@ BACKBONE_FILE = "pretrained/tiny_resnet-digits.pth"
 RECIPE = {"task": "digit+colour, single upright digit", "model": "tiny_resnet", "n_images": 16000, "epochs": 6,
           "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4, "schedule": "onecycle(pct_start=0.15)",
           "zero_init_residual": False, "n_val": 1000, "canvas": 32, "version": 2}
-_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255  # the loaders' ImageNet normalisation
-_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255  # the loaders' ImageNet normalisation
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 
 def backbone_path(root) -> Path:

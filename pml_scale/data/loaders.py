@@ -54,17 +54,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .batch_source import PlanSource, flip_draws
 from .index import Locations, SampleError, SampleIndex, ShardReader, read_checked
-from .plan import AFFINITIES, batches_per_epoch, make_plan
+from .plan import AFFINITIES, SUBSETS, batches_per_epoch, make_plan, restrict
 
 BACKENDS = ("auto", "dali", "dali_cpu", "pil")
 AUGMENTS = ("resize", "rrc")
 ON_ERROR = ("skip", "fail")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
@@ -85,10 +84,15 @@ class LoaderConfig:
     affinity: str = "none"  # or "shard"
     seed: int = 0
     hw_decoder_load: float | None = None  # dali: share of JPEGs for the hardware decoder (None: DALI's default)
+    subset: str = "all"  # "fit": the split minus its validation ids; "val": those ids only
+    val_fraction: float = 0.0
+    val_seed: int = 0
+    val_ids: str | None = None  # a dataset's own validation ids (.npy), instead of a seeded carve
+    features: str | None = None  # a feature cache file (data.features): read rows instead of decoding
 
     def __post_init__(self):
         choices = {"backend": BACKENDS, "augment": AUGMENTS, "dtype": tuple(DTYPES), "on_error": ON_ERROR,
-                   "affinity": AFFINITIES}
+                   "affinity": AFFINITIES, "subset": SUBSETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LoaderConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -98,6 +102,11 @@ class LoaderConfig:
                 raise ValueError(f"LoaderConfig.{name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 <= float(self.hflip) <= 1.0:
             raise ValueError(f"LoaderConfig.hflip must be a probability in [0, 1], got {self.hflip!r}")
+        if self.subset != "all" and not 0.0 < float(self.val_fraction) < 1.0:
+            raise ValueError(f"LoaderConfig.subset={self.subset!r} needs 0 < val_fraction < 1, got {self.val_fraction!r}")
+        if self.subset != "all" and self.affinity == "shard":
+            raise ValueError("a validation split (subset 'fit'/'val') needs affinity 'none': with shard affinity a "
+                             "rank does not know the other ranks' ids")
         if self.hw_decoder_load is not None and not 0.0 <= float(self.hw_decoder_load) <= 1.0:
             raise ValueError(f"LoaderConfig.hw_decoder_load must be in [0, 1] or None, got {self.hw_decoder_load!r}")
 
@@ -304,15 +313,17 @@ class EpochLoader:
                  local_rank: int, device: torch.device):
         self.cfg, self.backend, self.index = cfg, backend, index
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
-        self.num_samples = index.num_samples
-        self.batches_per_epoch = batches_per_epoch(index.shard_counts, batch_size=cfg.batch_size,
+        val_ids = np.load(cfg.val_ids) if cfg.val_ids is not None and cfg.subset != "all" else None
+        self._shard_ids = restrict(index.shard_ids(), cfg.subset, cfg.val_fraction, cfg.val_seed, val_ids)
+        counts = [len(s) for s in self._shard_ids]
+        self.num_samples = index.num_samples if cfg.subset == "all" else int(sum(counts))
+        self.batches_per_epoch = batches_per_epoch(counts, batch_size=cfg.batch_size,
                                                    world_size=world_size, train=cfg.train, affinity=cfg.affinity)
         self.skipped = 0
         self.errors: list[tuple[str, str, str]] = []
         self.pipeline_builds = 0  # DALI pipelines built so far: 1 for a whole run unless a decode failure
         self._reported: set[int] = set()
         self._known_bad: dict[int, str] = {}
-        self._shard_ids = index.shard_ids()
         self._main_reader = ShardReader()
         self._pipe = None
         self._source: PlanSource | None = None
@@ -535,4 +546,8 @@ def build_loader(cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, local
                              f"{cfg.root} has {n} shards for world_size {world_size}")
         shards = list(range(rank, n, world_size))
     index = SampleIndex.load(cfg.root, cfg.split, shards)
+    if cfg.features is not None:
+        from .features import FeatureLoader
+
+        return FeatureLoader(cfg, index, rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     return EpochLoader(cfg, backend, index, rank=rank, world_size=world_size, local_rank=local_rank, device=device)

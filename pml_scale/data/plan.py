@@ -141,3 +141,37 @@ def make_plan(shard_ids: list[np.ndarray], *, seed: int, epoch: int, rank: int, 
         vrows = valid.reshape(nb, B)
     return RankPlan(np.ascontiguousarray(rows[start_batch:]), np.ascontiguousarray(vrows[start_batch:]),
                     start_batch, nb)
+
+
+SUBSETS = ("all", "fit", "val")
+
+
+def validation_ids(all_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted ids of a validation split carved from a training split: a seeded choice of
+    round(fraction · N) of ``all_ids``, a pure function of (ids, fraction, seed), so every rank,
+    backend and resume sees the same split. Model choices are made on it; the test split is
+    read once, at the end."""
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    ids = np.sort(np.asarray(all_ids, dtype=np.int64))
+    n_val = int(round(float(fraction) * len(ids)))
+    if fraction > 0 and not 0 < n_val < len(ids):
+        raise ValueError(f"validation fraction {fraction} of {len(ids)} samples leaves an empty side")
+    pick = _rng(_check_int("val_seed", seed, 0), 0x7A11D).permutation(len(ids))[:n_val]
+    return np.sort(ids[pick])
+
+
+def restrict(shard_ids: list[np.ndarray], subset: str, fraction: float, seed: int,
+             val_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """``shard_ids`` cut to a subset: "all", "fit" (training minus validation) or "val". The
+    validation ids are ``val_ids`` when the dataset defines them, else a seeded carve."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    if subset == "all":
+        return shard_ids
+    if val_ids is None:
+        val = validation_ids(np.concatenate(shard_ids), fraction, seed)
+    else:
+        val = np.unique(np.asarray(val_ids, dtype=np.int64))
+    keep_val = subset == "val"
+    return [s[np.isin(s, val, assume_unique=True) == keep_val] for s in shard_ids]

@@ -8,7 +8,7 @@
     pml-shard convert csv|jsonl --train F [--test F] [--classes F] [--images D] OUT
     pml-shard mask OUT --setting PAL --ratio 0.3 --seed 0 [--csr]
     pml-shard verify OUT [-j N]
-    pml-shard demo OUT [--dataset digits|longtail|openimages-like [--classes 9605]]
+    pml-shard demo OUT [--dataset digits|longtail|photos|openimages-like [--classes 9605]]
 
 Exit codes: 0 success, 1 ``verify`` found a mismatch, 2 bad input or arguments (``--strict``
 stops at the first bad input with exit code 2).
@@ -359,18 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    p = sub.add_parser("demo", help="build an embedded demo dataset (digits: 80 classes; longtail: 240) and "
-                                    "pretrain its backbone; or an Open Images-like one (openimages-like: raw "
-                                    "Open Images CSVs + JPEGs, converted by `convert openimages`)")
+    p = sub.add_parser("demo", help="build an embedded demo dataset (digits: 80 classes; longtail: 240; photos: "
+                                    "14 classes of real photographs, needs Debian's tuxpaint-stamps-default) and "
+                                    "pretrain its backbone (digits, longtail); or an Open Images-like one "
+                                    "(openimages-like: raw Open Images CSVs + JPEGs, converted by `convert openimages`)")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--dataset", default="digits", choices=["digits", "longtail", "openimages-like"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "longtail", "photos", "openimages-like"])
+    p.add_argument("--stamps", default=None, help="photos: the tuxpaint 'stamps' folder (default: "
+                                                  "$PML_STAMPS_DIR or /usr/share/tuxpaint/stamps)")
     p.add_argument("--classes", type=int, default=9605, help="openimages-like: number of trainable classes")
     p.add_argument("--labels-form", choices=("auto", "dense", "csr"), default="auto",
                    help="openimages-like: label file form (default auto)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=None, help="default: the dataset's (digits 4800, longtail 6000)")
-    p.add_argument("--n-test", type=int, default=None, help="default: the dataset's (digits 1600, longtail 2000)")
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=None,
+                   help="default: the dataset's (digits 4800, longtail 6000, photos 4000)")
+    p.add_argument("--n-test", type=int, default=None, help="default: the dataset's (digits 1600, longtail 2000, "
+                                                            "photos 1600)")
+    p.add_argument("--size", type=int, default=None, help="image side (default 64; photos 224)")
     p.add_argument("--no-pretrain", action="store_true", help="skip pretraining the demo backbone")
     p.add_argument("--shard-size", type=int, default=400)
     p.add_argument("-j", "--workers", type=int, default=1)
@@ -421,16 +426,23 @@ def main(argv=None) -> int:
             from .openimages_like import build_openimages_like
 
             manifest = build_openimages_like(a.out, num_classes=a.classes, n_train=a.n_train or 20000,
-                                             n_test=2000 if a.n_test is None else a.n_test, size=a.size,
+                                             n_test=2000 if a.n_test is None else a.n_test, size=a.size or 48,
                                              seed=a.seed, shard_size=a.shard_size, workers=a.workers,
                                              labels_form=a.labels_form, progress=not a.quiet)
+            _report(manifest, a.out)
+        elif a.command == "demo" and a.dataset == "photos":
+            from . import demo_photos as dp
+
+            manifest = dp.build_photos(a.out, stamps=a.stamps, seed=a.seed, n_train=a.n_train or dp.N_TRAIN,
+                                       n_test=a.n_test or dp.N_TEST, size=a.size or dp.SIZE,
+                                       shard_size=a.shard_size, workers=a.workers, progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "demo":
             from .demo import build_demo
 
             manifest = build_demo(a.out, dataset=a.dataset, seed=a.seed, n_train=a.n_train, n_test=a.n_test,
-                                  size=a.size, shard_size=a.shard_size, workers=a.workers, pretrain=not a.no_pretrain,
-                                  progress=not a.quiet)
+                                  size=a.size or 64, shard_size=a.shard_size, workers=a.workers,
+                                  pretrain=not a.no_pretrain, progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "mask":
             path = make_mask(a.out, a.setting, a.ratio, a.seed, csr=a.csr, split=a.split, progress=not a.quiet)

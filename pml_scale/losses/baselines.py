@@ -1,4 +1,4 @@
-"""Baseline losses for partially labelled multi-label training (DESIGN.md §1 table).
+"""Baseline losses for partially labelled multi-label training (docs/design.md §1 table).
 
 Every function takes (B, L) logits and int8 states (1 positive, 0 negative, -1 missing),
 computes in fp32 (fp64 stays fp64) and returns a scalar. Each keeps the reduction of its

@@ -1,4 +1,4 @@
-"""The paper's loss (DESIGN.md §1), readable pure PyTorch: the reference the fused Triton
+"""The paper's loss (docs/design.md §1), readable pure PyTorch: the reference the fused Triton
 kernel is tested against, and the CPU path.
 
 Per image i of a batch of B over its L labels (E⁺/E⁻ observed positives/negatives, N_e = |E|,
@@ -236,6 +236,10 @@ class PaperOptions:
     pseudo_weights: "alpha_beta" (the paper: α and β also weigh the picked pseudo labels) or
     "balanced" (both pseudo terms weighed (α + β)/2) or "capped" (ours+: balanced when α > β,
     the paper's otherwise; see ``pseudo_coefficients``);
+    neg_gamma, neg_margin (ours+ options, default off = the paper): asymmetric focusing and a
+    probability margin on the negative-side terms (observed negatives and the (1−ỹ) part of the
+    picked pseudo labels), as ASL does for assumed negatives: log(1−ŷ) becomes
+    u^γ⁻ log(1−u) with u = max(ŷ − m⁻, 0) (see ``negative_term``);
     use_*: the ablations of Table VII.
     """
 
@@ -247,6 +251,8 @@ class PaperOptions:
     p_rule: str = "text"
     alpha_beta: str = "observed"
     pseudo_weights: str = "alpha_beta"
+    neg_gamma: float = 0.0
+    neg_margin: float = 0.0
     use_alpha_beta: bool = True
     use_d: bool = True
     use_p: bool = True
@@ -267,7 +273,16 @@ class PaperOptions:
             raise ValueError(f"m must be finite, got {self.m!r}")
         if not math.isfinite(float(self.p_threshold)):
             raise ValueError(f"p_threshold must be finite, got {self.p_threshold!r}")
+        if not (0.0 <= float(self.neg_gamma) <= 8.0):
+            raise ValueError(f"neg_gamma must be in [0, 8], got {self.neg_gamma!r}")
+        if not (0.0 <= float(self.neg_margin) < 1.0):
+            raise ValueError(f"neg_margin must be in [0, 1), got {self.neg_margin!r}")
         return self
+
+    @property
+    def plain_negatives(self) -> bool:
+        """True when the negative-side terms are the paper's log(1−ŷ) (no focusing, no margin)."""
+        return float(self.neg_gamma) == 0.0 and float(self.neg_margin) == 0.0
 
     @property
     def reading(self) -> str:
@@ -330,6 +345,43 @@ def pseudo_coefficients(opts: PaperOptions, alpha, beta) -> tuple:
     return (mid, mid) if alpha > beta else (alpha, beta)
 
 
+# --------------------------------------------------------------------------- negative side
+def negative_term(x: torch.Tensor, gamma: float = 0.0, margin: float = 0.0) -> torch.Tensor:
+    """The negative-side log term of logits ``x``, differentiable: u^γ·log(1−u), u = max(ŷ−m, 0).
+
+    γ = m = 0 gives log(1−ŷ) = logsigmoid(−x), the paper's term, bit for bit. The margin m
+    (ASL's probability shifting) gives no loss and no gradient to a negative already below m;
+    the focusing factor u^γ discounts negatives the model finds likely positive (ASL's γ⁻),
+    which is what an assumed or pseudo negative that is really a positive looks like. Both are
+    the mechanisms the paper's related work credits ASL with; we apply them to both negative
+    parts of Eq. (8) (observed negatives and the (1−ỹ) pseudo part).
+    """
+    if gamma == 0.0 and margin == 0.0:
+        return F.logsigmoid(-x)
+    if margin == 0.0:  # u = ŷ: u^γ = exp(γ log σ(x)), finite and differentiable for any logit
+        return torch.exp(gamma * F.logsigmoid(x)) * F.logsigmoid(-x)
+    u = (torch.sigmoid(x) - margin).clamp(min=0.0)
+    log_n = torch.log((torch.sigmoid(-x) + margin).clamp(max=1.0))  # log(1 − u), exact where u > 0
+    return log_n if gamma == 0.0 else u.pow(gamma) * log_n
+
+
+def negative_term_grad(yhat: torch.Tensor, gamma: float = 0.0, margin: float = 0.0) -> torch.Tensor:
+    """d negative_term / dx as a function of ŷ = σ(x): −ŷ for the paper's term; in general
+    u'·[γ u^(γ−1) log(1−u) − u^γ/(1−u)] with u' = ŷ(1−ŷ) where ŷ > m, else 0."""
+    if gamma == 0.0 and margin == 0.0:
+        return -yhat
+    if margin == 0.0:  # ŷ^γ (γ (1−ŷ) log1p(−ŷ) − ŷ): −1 as ŷ → 1 (xlog1py), no NaN anywhere
+        return yhat.pow(gamma) * (gamma * torch.special.xlog1py(1 - yhat, -yhat) - yhat)
+    u = (yhat - margin).clamp(min=0.0)
+    active = yhat > margin
+    du = torch.where(active, yhat * (1 - yhat), torch.zeros_like(yhat))
+    one_minus_u = 1 - u
+    log_n = torch.log(one_minus_u)
+    safe_u = torch.where(active, u, torch.ones_like(u))
+    focus = gamma * safe_u.pow(gamma - 1) * log_n if gamma != 0.0 else torch.zeros_like(u)
+    return torch.where(active, du * (focus - u.pow(gamma) / one_minus_u), torch.zeros_like(yhat))
+
+
 # --------------------------------------------------------------------------- shared setup
 @dataclass
 class _Setup:
@@ -348,6 +400,8 @@ class _Setup:
     alpha_s: float | torch.Tensor  # weights of the picked pseudo terms (pseudo_coefficients)
     beta_s: float | torch.Tensor
     d: float
+    neg_gamma: float = 0.0
+    neg_margin: float = 0.0
 
 
 def _setup(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed, batch_counts,
@@ -370,13 +424,14 @@ def _setup(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, tot
     else:
         p = torch.ones(logits.shape[0], dtype=dt, device=logits.device)
     alpha_s, beta_s = pseudo_coefficients(opts, alpha, beta)
-    return _Setup(x, yhat, pos, neg, picked, missing, pseudo.to(dt), inv_ne, inv_ns, p, alpha, beta, alpha_s, beta_s, d)
+    return _Setup(x, yhat, pos, neg, picked, missing, pseudo.to(dt), inv_ne, inv_ns, p, alpha, beta, alpha_s, beta_s, d,
+                  float(opts.neg_gamma), float(opts.neg_margin))
 
 
 def _rows(s: _Setup) -> torch.Tensor:
     """(B,) per-image losses L_i, differentiable in s.x."""
     log_p = F.logsigmoid(s.x)      # log ŷ
-    log_n = F.logsigmoid(-s.x)     # log(1 − ŷ)
+    log_n = negative_term(s.x, s.neg_gamma, s.neg_margin)  # log(1 − ŷ), or its focused form
     zero = torch.zeros((), dtype=s.x.dtype, device=s.x.device)
     a_obs = torch.where(s.pos, log_p, zero).sum(1)
     b_obs = torch.where(s.neg, log_n, zero).sum(1)
@@ -460,14 +515,16 @@ def partial_label_loss_grad(logits, states, pseudo, sample_ids, *, epoch, total_
     """Closed-form d(loss)/d(logits), (B, L) in the compute dtype: the kernel's reference.
 
     E⁺: −pα(1−ŷ)/(N_e B) · E⁻: +pβŷ/(N_e B) · S: −p d[α_S ỹ(1−ŷ) − β_S (1−ỹ)ŷ]/(|S| B) · else 0,
-    with (α_S, β_S) = ``pseudo_coefficients`` ((α, β) for the paper).
+    with (α_S, β_S) = ``pseudo_coefficients`` ((α, β) for the paper); with neg_gamma/neg_margin
+    every −ŷ of a negative-side term becomes ``negative_term_grad(ŷ)``.
     """
     s = _setup(_options(**options), logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
                seed=seed, batch_counts=batch_counts, validate=validate)
     y, yt = s.yhat, s.pseudo
     scale = (s.p / logits.shape[0])[:, None]
-    g_obs = torch.where(s.pos, -s.alpha * (1 - y), torch.where(s.neg, s.beta * y, torch.zeros_like(y)))
-    g_pick = -s.d * (s.alpha_s * yt * (1 - y) - s.beta_s * (1 - yt) * y)
+    dneg = negative_term_grad(y, s.neg_gamma, s.neg_margin)  # −ŷ for the paper
+    g_obs = torch.where(s.pos, -s.alpha * (1 - y), torch.where(s.neg, -s.beta * dneg, torch.zeros_like(y)))
+    g_pick = -s.d * (s.alpha_s * yt * (1 - y) + s.beta_s * (1 - yt) * dneg)
     g = s.inv_ne[:, None] * g_obs + torch.where(s.picked, s.inv_ns[:, None] * g_pick, torch.zeros_like(y))
     return scale * g
 
@@ -495,7 +552,8 @@ def _triton(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, to
         ab = dict(alpha=float(alpha), beta=float(beta))
     loss, yhat, p = fused_partial_label_loss(
         logits, states, pseudo, sample_ids, **ab, d=d, q=opts.q_used, seed=seed, epoch=epoch,
-        p_threshold=p_threshold, p_rule=p_rule, pseudo_weights=opts.pseudo_weights)
+        p_threshold=p_threshold, p_rule=p_rule, pseudo_weights=opts.pseudo_weights,
+        neg_gamma=opts.neg_gamma, neg_margin=opts.neg_margin)  # validated by the kernel (ValueError/TypeError)
     stats = {"alpha": alpha, "beta": beta, "d": d, "p2_share": (p == 2).to(torch.float32).mean(),
              "picked_share": float("nan")}
     return loss, stats, yhat

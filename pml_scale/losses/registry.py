@@ -87,10 +87,11 @@ def _simple(fn, **fixed) -> Callable[..., LossFn]:
 
 
 def _build_paper(q=0.5, gamma=0.05, m=3.0, p_threshold=0.1, d_schedule="centered", p_rule="text", alpha_beta="observed",
-                 pseudo_weights="alpha_beta", seed=0, backend="auto", use_alpha_beta=True, use_d=True, use_p=True,
-                 use_q=True, validate=True) -> LossFn:
+                 pseudo_weights="alpha_beta", neg_gamma=0.0, neg_margin=0.0, seed=0, backend="auto",
+                 use_alpha_beta=True, use_d=True, use_p=True, use_q=True, validate=True) -> LossFn:
     opts = PaperOptions(q=q, gamma=gamma, m=m, p_threshold=p_threshold, d_schedule=d_schedule, p_rule=p_rule,
-                        alpha_beta=alpha_beta, pseudo_weights=pseudo_weights, use_alpha_beta=use_alpha_beta,
+                        alpha_beta=alpha_beta, pseudo_weights=pseudo_weights, neg_gamma=float(neg_gamma),
+                        neg_margin=float(neg_margin), use_alpha_beta=use_alpha_beta,
                         use_d=use_d, use_p=use_p, use_q=use_q).check()
     check_paper_options(backend=backend)
 
