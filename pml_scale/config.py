@@ -178,6 +178,7 @@ class PseudoConfig(_Section):
     # versioned: two stores by epoch parity, a checkpoint copies no N x L (stores.VersionedPseudoStore);
     # copy: one store, every checkpoint holds a full (sparse) copy of it
     snapshot: Literal["versioned", "copy"] = "versioned"
+    dtype: Literal["fp16", "uint8"] = "fp16"  # uint8: y~ quantised to 1/255 (half the store's disk and page cache)
 
 
 class EvalConfig(_Section):

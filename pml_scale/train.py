@@ -51,7 +51,7 @@ from .data.shard import make_mask, observed_name
 from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
-from .stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore
+from .stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore, pseudo_store_class
 from .tracking import Tracker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -430,8 +430,9 @@ def open_stores(cfg, dist_info, store_dir: Path, data: RunData, *, resuming: boo
 def make_pseudo_store(cfg, store_dir: Path, num_train: int, num_labels: int, *, create: bool, init=None):
     """``pseudo.snapshot``: versioned (two stores by epoch parity: checkpoints copy nothing) or copy."""
     if cfg.pseudo.snapshot == "versioned":
-        return VersionedPseudoStore(store_dir, num_train, num_labels, create=create, init=init)
-    return PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=create, init=init)
+        return VersionedPseudoStore(store_dir, num_train, num_labels, create=create, init=init, dtype=cfg.pseudo.dtype)
+    cls = pseudo_store_class(cfg.pseudo.dtype)
+    return cls(store_dir / "pseudo.f16", num_train, num_labels, create=create, init=init)
 
 
 def build_engine(cfg, dist_info, data: RunData):
