@@ -9,6 +9,10 @@ Pseudo labels: a ``VersionedPseudoStore`` (``pseudo.snapshot=versioned``, the de
 copied: each rank saves its store bitmaps (``pseudo-state-rank{r}.npz``, 2 x N bits) and the
 versions stay where they are (see its docstring: only ``latest`` is restorable). Other stores
 (``pseudo.snapshot=copy``, ROLE's estimates) are copied whole (sparse copy) by the writer.
+
+A write that fails (disk full, file size limit) raises :class:`CheckpointWriteError` naming the
+file, the bytes the checkpoint needs and the bytes free; the cut tag folder is deleted (its space
+given back) and ``latest`` still names the previous checkpoint, from which a rerun resumes.
 """
 
 from __future__ import annotations
@@ -20,10 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_save_npz, atomic_write_text
+from .atomic import WriteFailed, atomic_save_npz, atomic_write_text, human_bytes
 from .distributed import barrier
 
 LATEST = "latest"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; nothing was committed (see the module docstring)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def rng_state() -> dict:
@@ -93,17 +104,22 @@ def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, 
     """
     ckpt_dir = Path(ckpt_dir)
     client_state = dict(client_state, rng=rng_state())
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    node = _node_index(dist_info) if per_node else None
-    writer = dist_info.is_local_main if per_node else dist_info.is_main
-    if dist_info.world_size > 1:  # DeepSpeed saves rank 0's module only: other ranks' BN statistics differ
-        _save_buffers(engine, ckpt_dir / tag / buffers_name(dist_info.rank))
-    for name, store in stores.items():
-        if hasattr(store, "checkpoint_state"):  # versioned: this rank's bitmaps, no copy of N x L
-            atomic_save_npz(ckpt_dir / tag / state_name(name, dist_info.rank), **store.checkpoint_state())
-        elif writer:
-            store.flush()
-            store.snapshot(ckpt_dir / tag / store_snapshot_name(node).replace("pseudo", name))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        node = _node_index(dist_info) if per_node else None
+        writer = dist_info.is_local_main if per_node else dist_info.is_main
+        if dist_info.world_size > 1:  # DeepSpeed saves rank 0's module only: other ranks' BN statistics differ
+            _save_buffers(engine, ckpt_dir / tag / buffers_name(dist_info.rank))
+        for name, store in stores.items():
+            if hasattr(store, "checkpoint_state"):  # versioned: this rank's bitmaps, no copy of N x L
+                atomic_save_npz(ckpt_dir / tag / state_name(name, dist_info.rank), **store.checkpoint_state())
+            elif writer:
+                store.flush()
+                store.snapshot(ckpt_dir / tag / store_snapshot_name(node).replace("pseudo", name))
+    except (OSError, RuntimeError) as e:
+        if not _is_write_error(e):
+            raise
+        raise _write_failed(ckpt_dir, tag, e) from e
     barrier()
     if dist_info.is_main:
         atomic_write_text(ckpt_dir / LATEST, tag + "\n")
@@ -147,6 +163,57 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
                 store.reopen()
     set_rng_state(client_state["rng"])
     return client_state
+
+
+def _write_failed(ckpt_dir: Path, tag: str, err: BaseException) -> CheckpointWriteError:
+    """The error for a checkpoint cut by a failed write, after deleting what it had written: which
+    file, how many bytes the checkpoint needs (the previous one's size: same model, same stores),
+    how many are free, and what to do."""
+    import shutil
+
+    tag_dir = ckpt_dir / tag
+    prev = _committed_tag(ckpt_dir)
+    if isinstance(err, WriteFailed):
+        where = str(err)
+    else:  # the file cut, and what the same file took in the previous checkpoint
+        cut = _newest_file(tag_dir)
+        same = ckpt_dir / prev / cut.relative_to(tag_dir) if prev and cut else None
+        needed = same.stat().st_size if same is not None and same.is_file() else None
+        where = str(WriteFailed(cut or tag_dir, needed, err, "writing"))
+    if prev:
+        where += f"; the whole checkpoint needs about {human_bytes(_tree_bytes(ckpt_dir / prev))} (as {prev})"
+    if tag != prev:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    keep = (f"the last committed checkpoint {ckpt_dir / prev} is intact: free space (or raise the file size "
+            f"limit) and rerun the same command to resume from it") if prev else \
+        "no checkpoint was committed before: the rerun starts from the beginning"
+    return CheckpointWriteError(f"checkpoint {tag} not written: {where}; {keep}")
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """OSErrors, and the RuntimeErrors torch's zip writer raises when a write fails (a full disk
+    shows as "unexpected pos" or "file write failed" from inline_container.cc)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("inline_container", "PytorchStreamWriter", "write failed"))
+
+
+def _committed_tag(ckpt_dir: Path) -> str | None:
+    try:
+        return latest_tag(ckpt_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def _newest_file(folder: Path) -> Path | None:
+    """The file written last under ``folder`` (the one a failed write cut), if any."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()] if Path(folder).is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def _node_index(dist_info) -> int:

@@ -104,6 +104,12 @@ class RunConfig(_Section):
     tensorboard: bool = True
     time_shares: bool = False  # GPU: synchronise at step-part boundaries to log exact time shares
     deterministic: bool = False
+    # SIGTERM (Slurm/Kubernetes preemption): checkpoint at the current step, exit 143; a run that
+    # cannot do so within this many seconds exits 124 without it (0: no limit)
+    preempt_grace_s: float = Field(60.0, ge=0)
+    # bound on any collective: a rank whose peer vanished (a lost node) fails after this instead of
+    # hanging (a killed rank's peers fail at once: its connections close); gloo groups inherit it
+    dist_timeout_s: float = Field(1800.0, gt=0)
 
 
 class DataConfig(_Section):

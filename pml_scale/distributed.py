@@ -8,6 +8,7 @@ GPUs, gloo on CPU) and DeepSpeed adopts it.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed() -> DistInfo:
-    """Initialise the default process group once (idempotent) and pick this rank's device."""
+def setup_distributed(timeout_s: float | None = None) -> DistInfo:
+    """Initialise the default process group once (idempotent) and pick this rank's device.
+    ``timeout_s`` bounds every collective (torch's default: 30 min): a rank whose peer vanished
+    without closing its connections (a lost node) fails after it instead of hanging."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,7 +59,8 @@ def setup_distributed() -> DistInfo:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -87,6 +91,17 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm running statistics). DeepSpeed syncs them only
+    at start, so each rank's drift apart with its own data; evaluating with rank 0's everywhere
+    scores the test set with the statistics best.pt keeps, and makes a resumed run (whose
+    checkpoint holds rank 0's) evaluate exactly as an uninterrupted one."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=src)
 
 
 def barrier() -> None:

@@ -332,7 +332,7 @@ def plot_class_ap(per_class: dict[str, dict], *, path: str | Path, title: str = 
 
 def plot_training_curves(curves: dict[str, dict], *, path: str | Path, title: str = "",
                          method_labels: dict | None = None) -> Path | None:
-    """Train loss (per-epoch mean) and test mAP (x100) vs epoch, a line per method.
+    """Train loss (per-epoch mean) and evaluation mAP (x100: validation when the run holds one out, else test) vs epoch, a line per method.
     `curves` maps method -> load_metrics() output. None when no run logged anything."""
     method_labels = method_labels or {}
     fig = Figure(figsize=(10.0, 4.0))
@@ -348,7 +348,7 @@ def plot_training_curves(curves: dict[str, dict], *, path: str | Path, title: st
             drawn = True
     if not drawn:
         return None
-    for ax, yl in ((ax_l, "train loss (epoch mean)"), (ax_m, "test mAP (x100)")):
+    for ax, yl in ((ax_l, "train loss (epoch mean)"), (ax_m, "eval mAP (x100; validation if held out)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)

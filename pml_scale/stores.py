@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write_json
+from .atomic import WriteFailed, atomic_path, atomic_write_json
 
 STORE_FORMAT = "pml-scale-store"
 STORE_VERSION = 1
@@ -212,7 +212,10 @@ class _RowStore:
         """Atomic copy of the store (and its header) to ``dst_path``; holes stay holes."""
         dst = Path(dst_path)
         self.flush()
-        sparse_copy(self.path, dst)
+        try:
+            sparse_copy(self.path, dst)  # on failure nothing is left at dst (atomic)
+        except OSError as e:
+            raise WriteFailed(dst, self.nbytes, e, f"writing the {self.KIND} store snapshot") from e
         atomic_write_json(self.header_path(dst), self._header())
 
     def restore(self, src_path: str | os.PathLike) -> None:

@@ -12,7 +12,8 @@ Per step, on every rank, with the host never waiting for the GPU:
   4. forward, loss (the fused Triton kernel on GPUs), DeepSpeed backward/step;
   5. ŷ goes back to pinned memory asynchronously (all-gathered first, fixed size, when every
      node's store must hold every row) and the thread writes the pseudo-label store once it landed.
-Loss statistics are read (a sync) only every ``run.log_every`` steps. Ordering of store reads and
+Loss statistics are read (a sync) only every ``run.log_every`` steps. SIGTERM (preemption) is
+handled at step boundaries: a checkpoint at the current step, then exit 143 (``preemption``). Ordering of store reads and
 writes across epochs, checkpoints and resumes: ``LabelTraffic.fence`` (see its module).
 
 Precision (``model.precision``, for ``model.dtype`` bf16/fp16): ``autocast`` (default) runs
@@ -43,14 +44,16 @@ from . import checkpoint
 from .atomic import atomic_path, atomic_write_json
 from .config import deepspeed_config, load_config, parse_cli, save_resolved
 from .data.format import labels_path, open_labels, read_manifest
+from .data.drift import changed_shards, record_shards, shard_change_error
 from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
-from .distributed import barrier, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
+from .distributed import barrier, broadcast_buffers, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
 from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
+from .preemption import EXIT_PREEMPTED, PreemptionGuard, Preempted
 from .stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore, pseudo_store_class
 from .tracking import Tracker
 
@@ -208,24 +211,29 @@ def make_optimizer(cfg, params):
 def run(cfg) -> dict:
     """Train and evaluate one configuration; returns the summary written to summary.json."""
     t_start = time.time()
-    dist_info, run_dir = start_run(cfg)
-    data = build_data(cfg, dist_info)
-    losses = build_loss_and_stores(cfg, dist_info, run_dir, data)
-    engine, scheduler = build_engine(cfg, dist_info, data)
-    state = restore(cfg, dist_info, run_dir, engine, losses)
-    traffic = build_label_traffic(cfg, dist_info, data, losses)
-    t = Trainer(cfg=cfg, dist_info=dist_info, run_dir=run_dir, data=data, losses=losses, engine=engine,
-                scheduler=scheduler, traffic=traffic, state=state, t_start=t_start,
-                tracker=Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard),
-                sync_debug=sync_debug_mode(dist_info))
-    summary = None
+    guard = PreemptionGuard(cfg.run.preempt_grace_s).install()  # first: a SIGTERM during startup counts
     try:
-        for epoch in range(state["epoch"], cfg.run.epochs):
-            train_epoch(t, epoch)
-            end_epoch(t, epoch)
-        summary = finish(t)
+        dist_info, run_dir = start_run(cfg)
+        data = build_data(cfg, dist_info)
+        losses = build_loss_and_stores(cfg, dist_info, run_dir, data)
+        engine, scheduler = build_engine(cfg, dist_info, data)
+        state = restore(cfg, dist_info, run_dir, engine, losses)
+        traffic = build_label_traffic(cfg, dist_info, data, losses)
+        guard.group, guard.world_size = control_group(cfg, dist_info), dist_info.world_size
+        t = Trainer(cfg=cfg, dist_info=dist_info, run_dir=run_dir, data=data, losses=losses, engine=engine,
+                    scheduler=scheduler, traffic=traffic, state=state, t_start=t_start,
+                    tracker=Tracker(run_dir, enabled=dist_info.is_main, tensorboard=cfg.run.tensorboard),
+                    sync_debug=sync_debug_mode(dist_info), preempt=guard)
+        summary = None
+        try:
+            for epoch in range(state["epoch"], cfg.run.epochs):
+                train_epoch(t, epoch)
+                end_epoch(t, epoch)
+            summary = finish(t)
+        finally:
+            t.close()
     finally:
-        t.close()
+        guard.uninstall()
     return summary
 
 
@@ -287,6 +295,7 @@ class Trainer:
     t_start: float
     tracker: Tracker
     sync_debug: str
+    preempt: PreemptionGuard
 
     @property
     def ckpt_dir(self) -> Path:
@@ -320,7 +329,7 @@ def start_run(cfg):
     if not cfg.data.root:
         raise ValueError("data.root is not set: point it at a dataset folder made by `pml-shard convert` "
                          "(or set data.build_demo=true to build the embedded demo dataset there)")
-    dist_info = setup_distributed()
+    dist_info = setup_distributed(cfg.run.dist_timeout_s)
     disable_deepspeed_cpu_shm_op()
     import deepspeed  # noqa: F401  (imported once the shm op is disabled; build_engine uses it)
 
@@ -461,6 +470,7 @@ def restore(cfg, dist_info, run_dir: Path, engine, losses: LossAndStores) -> dic
     """The resumable state: fresh, or the latest checkpoint's (engine and stores loaded in place),
     so that a killed run goes on at the batch after its last checkpoint."""
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_map": -1.0, "best_epoch": -1, "last_map": None}
+    check_shards(cfg, dist_info, run_dir, resuming=losses.resuming)
     if losses.resuming:
         ckpt_dir = checkpoint_dir(run_dir)
         client = checkpoint.load(engine, ckpt_dir, stores=losses.stores, dist_info=dist_info, per_node=losses.per_node)
@@ -470,15 +480,27 @@ def restore(cfg, dist_info, run_dir: Path, engine, losses: LossAndStores) -> dic
     return state
 
 
+def check_shards(cfg, dist_info, run_dir: Path, *, resuming: bool) -> None:
+    """Fresh run: record the shards it reads; resumed run: fail naming every shard whose bytes
+    changed since (``data.drift``). Rank 0 looks, every rank gets the verdict."""
+    problems = None
+    if dist_info.is_main:
+        manifest = read_manifest(cfg.data.root)
+        splits = (cfg.data.train_split, cfg.data.test_split)
+        if resuming:
+            problems = changed_shards(run_dir, cfg.data.root, manifest, splits)
+        else:
+            record_shards(run_dir, cfg.data.root, manifest, splits)
+    problems = broadcast_object(problems)
+    if problems:
+        raise shard_change_error(problems, cfg.data.root)
+
+
 def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) -> LabelTraffic:
     """Label gathers and store writes on a background thread. Made after restore, so its first
     gather reads the restored stores; its collectives (α/β counts, fences) use their own gloo group,
     so they never interleave with the main thread's."""
-    label_group = None
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        label_group = dist.new_group(backend="gloo")
+    label_group = gloo_group(cfg) if dist_info.world_size > 1 else None
     per_node = losses.per_node
     return LabelTraffic(observed=data.observed, pseudo_store=losses.pseudo_store, role_store=losses.role_store,
                         device=dist_info.device, counts_fn=batch_label_counts(losses.loss_fn),
@@ -486,6 +508,22 @@ def build_label_traffic(cfg, dist_info, data: RunData, losses: LossAndStores) ->
                         world_size=dist_info.world_size, rank=dist_info.rank,
                         writer=per_node or dist_info.is_local_main, per_node=per_node,
                         momentum=cfg.pseudo.momentum, debug_dir=debug_dump_dir())
+
+
+def control_group(cfg, dist_info):
+    """A gloo group of its own for the preemption flag's per-step all-reduce (None for one rank):
+    the main thread's collectives must not interleave with the label thread's on its group."""
+    return gloo_group(cfg) if dist_info.world_size > 1 else None
+
+
+def gloo_group(cfg):
+    """A new gloo group (a collective: every rank calls it in the same order), its collectives
+    bounded by run.dist_timeout_s like the default group's (new groups otherwise wait 30 min)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.run.dist_timeout_s))
 
 
 def sync_debug_mode(dist_info) -> str:
@@ -569,9 +607,17 @@ def epoch_step(t: Trainer, m: EpochMeters, epoch: int, batch, pending, batches):
     if log_now:
         log_step(t, m, epoch, stats)
     ckpt_every = cfg.run.checkpoint_every_steps
-    if ckpt_every and state["global_step"] % ckpt_every == 0 and state["batch"] < t.data.steps_per_epoch:
+    mid_epoch = state["batch"] < t.data.steps_per_epoch  # the epoch's last step checkpoints in end_epoch
+    saved = bool(ckpt_every and state["global_step"] % ckpt_every == 0 and mid_epoch)
+    if saved:
         t.traffic.fence(barrier=False)  # the snapshot must hold every ŷ up to this step
         t.save_checkpoint(f"step{state['global_step']}")
+    if t.preempt.should_stop() and mid_epoch:
+        tag = f"step{state['global_step']}"
+        if not saved:
+            t.traffic.fence(barrier=False)
+            t.save_checkpoint(tag)
+        raise t.preempt.committed(tag)
     m.t_prev = time.perf_counter()
     return nxt, nxt_pending
 
@@ -610,8 +656,11 @@ def end_epoch(t: Trainer, epoch: int) -> None:
     checkpoint, which thus holds the evaluation's best_map/last_map."""
     cfg = t.cfg
     if epoch + 1 == cfg.run.epochs or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
+        broadcast_buffers(t.engine.module)  # one set of BatchNorm statistics for every rank's share
         t.state["last_map"] = evaluate_epoch(t, epoch)
     t.save_checkpoint(f"epoch{epoch + 1}")
+    if t.preempt.should_stop() and epoch + 1 < cfg.run.epochs:  # after the last epoch: finish instead
+        raise t.preempt.committed(f"epoch{epoch + 1}")
 
 
 def finish(t: Trainer) -> dict:
@@ -686,7 +735,7 @@ def train_step(engine, batch, pending, loss_fn, *, traffic, cfg, epoch, in_dtype
     the caller reads them only when it logs. Rows with valid=False (padding, replacements of
     corrupt samples) take no part in the loss, the batch statistics or the stores."""
     tick = time.perf_counter()
-    labels = traffic.to_device(pending.result())
+    labels = traffic.to_device(traffic.collect(pending))
     estimates = labels.estimates.requires_grad_(True) if labels.estimates is not None else None
     tock = _share(shares, "labels", tick)
 
@@ -845,7 +894,11 @@ def test_once(t: Trainer) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
-    run(cfg)
+    try:
+        run(cfg)
+    except Preempted as e:
+        print(f"[pml-scale] {e}; exit code {EXIT_PREEMPTED}", flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -371,6 +371,8 @@ def test_label_traffic_gathers_valid_rows_and_writes_behind_in_order(tmp_path):
 
 
 def test_label_traffic_non_writer_and_task_errors(tmp_path):
+    from pml_scale.data.label_traffic import LabelTrafficError
+
     traffic, store = _traffic(tmp_path, _observed(), writer=False)
     batch = _Batch([1, 2], [True, True])
     dev = traffic.to_device(traffic.gather(batch, 0).result())
@@ -379,8 +381,9 @@ def test_label_traffic_non_writer_and_task_errors(tmp_path):
     assert (store.gather_numpy(np.array([1, 2])) == 0.5).all()  # only the node's writer rank writes
     bad = _Batch([N + 5], [True])  # an id beyond the store: the thread fails, the main thread hears it
     traffic.gather(bad, 0)
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(LabelTrafficError, match="out of range") as err:
         traffic.fence()
+    assert isinstance(err.value.__cause__, IndexError)
     traffic.close()
 
 

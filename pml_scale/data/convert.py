@@ -14,6 +14,10 @@ last, atomically. A killed run leaves only temp files (deleted on resume) and co
 recorded in the journal with their sha256 (kept if the file still matches). The journal starts
 with a fingerprint of the inputs and options: a rerun with different ones is refused.
 
+Faults: pool workers die with the converter (``PR_SET_PDEATHSIG`` on Linux, and a thread that
+watches the parent pid everywhere), so ``kill -9`` of ``pml-shard convert`` leaves no orphan still
+writing; workers ignore SIGINT, so Ctrl-C in a terminal reaches the parent only, which stops them.
+
 Memory: the parsed source (~200 B per image) plus ``workers * 4`` jobs in flight; the label
 store is written in row chunks (``CHUNK_ROWS * L`` bytes) or as CSR from the parsed entries, so
 nothing holds N x L in memory.
@@ -23,11 +27,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import datetime as _dt
 import fcntl
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,6 +65,51 @@ class ConvertError(RuntimeError):
 
 class StrictError(ConvertError):
     """``--strict`` and an input was rejected: the message names file, line/key and reason."""
+
+
+# ----------------------------------------------------------------------------------------------
+# worker lifetime: a worker must never outlive the converter (it would go on writing, orphaned)
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PARENT_POLL_S = 0.2
+
+
+def pool_worker_init(parent_pid: int) -> None:
+    """Pool initializer: die with the parent, and leave Ctrl-C to it (a terminal sends SIGINT to
+    the whole process group; the parent stops the pool, the workers must not print tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="pml-parent-watch", daemon=True).start()
+
+
+def _set_parent_death_signal() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies (any death, kill -9 too).
+    Returns False where unavailable; the parent watch below then does the job within a poll."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Fallback to the death signal: exit as soon as this process was re-parented (parent gone)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
+    """On an interrupt: terminate the workers now rather than let them finish their shards (temp
+    files they leave are deleted by the rerun), then release the pool."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,12 +405,18 @@ def convert(source: Source, out, *, workers: int = 1, shard_size: int = 1000, ma
             journal.append({"event": "start", "fingerprint": fp, "time": _now()})
         checked = {(e["split"], e["chunk"]): e["issues"] for e in events if e.get("event") == "checked"}
         written = {(e["split"], e["info"]["name"]): e["info"] for e in events if e.get("event") == "shard"}
-        pool = cf.ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+        pool = None
+        if workers > 1:
+            pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_init, initargs=(os.getpid(),))
         try:
             _check_phase(source, shard_size, allow_convert, strict, checked, journal, workers, pool, progress)
             plan = _plan(source, shard_size, checked)
             shards = _write_phase(source, out, plan, shard_size, max_side, quality, written, journal, workers, pool,
                                   progress)
+        except KeyboardInterrupt:
+            if pool is not None:
+                _stop_workers(pool)
+            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

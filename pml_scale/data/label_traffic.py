@@ -23,6 +23,13 @@ others too); the trainer calls it before the first gather of every epoch and bef
 checkpoint. Only the store's writer ranks write (each node's local main rank, or every rank for
 its own rows under shard affinity), so momentum updates apply once.
 
+Failures: an exception inside a task (an unreadable store page, a failed write) is raised on the
+main thread as :class:`LabelTrafficError` (the task's own traceback chained as its cause) at the
+first of: the next submission, the next ``collect`` (the step after the one that queued the task
+at the latest, since tasks run in order) or ``fence`` (so no checkpoint is ever taken after it:
+rows a failed scatter half wrote stay in the live store only, which a resume replaces with the
+last committed snapshot). It is raised once; ``close`` after it only stops the thread.
+
 Memory: a few pinned (B, L) buffers in flight (float32 ỹ, int8 states, ŷ); nothing grows with N.
 """
 
@@ -40,6 +47,10 @@ import torch
 
 from ..labels import MISSING
 from ..stores import allgather_rows
+
+
+class LabelTrafficError(RuntimeError):
+    """A background gather or scatter failed; ``__cause__`` holds the thread's exception."""
 
 
 @dataclass
@@ -72,7 +83,8 @@ class LabelTraffic:
         self.writer, self.per_node, self.momentum = bool(writer), bool(per_node), float(momentum)
         self.debug_dir = debug_dir
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pml-labels")
-        self._queued: list[Future] = []
+        self._queued: list[tuple[Future, str]] = []  # (task, what it does) in submission order
+        self._failed: BaseException | None = None  # raised once; later calls only refuse new work
 
     # ------------------------------------------------------------------ helpers
     def _pinned(self, shape, dtype) -> torch.Tensor:
@@ -92,26 +104,44 @@ class LabelTraffic:
         host.copy_(t, non_blocking=True)
         return host
 
-    def _submit(self, fn, *args) -> Future:
+    def _submit(self, what: str, fn, *args) -> Future:
         self._raise_failed()
         fut = self._pool.submit(fn, *args)
-        self._queued.append(fut)
+        self._queued.append((fut, what))
         return fut
 
-    def _raise_failed(self) -> None:
-        """Surface an error of a finished background task (and forget finished ones)."""
+    def _raise_failed(self, wait: bool = False) -> None:
+        """Surface the error of a finished background task on the main thread (and forget finished
+        ones); with ``wait``, wait for every queued task first."""
+        if self._failed is not None:
+            raise LabelTrafficError(f"the label thread failed earlier ({self._failed!r}); it takes no more work")
         keep = []
-        for fut in self._queued:
-            if fut.done():
-                fut.result()  # raises the task's exception here, on the main thread
-            else:
-                keep.append(fut)
+        for fut, what in self._queued:
+            if not (wait or fut.done()):
+                keep.append((fut, what))
+                continue
+            exc = fut.exception()
+            if exc is not None:
+                self._failed = exc
+                self._queued = []
+                raise LabelTrafficError(f"the label thread failed in {what}: {type(exc).__name__}: {exc} "
+                                        "(its traceback is above)") from exc
         self._queued = keep
 
     # ------------------------------------------------------------------ gather
     def gather(self, batch, epoch: int) -> Future:
         """Queue the label gather of ``batch`` (uses only its host ids and validity)."""
-        return self._submit(self._gather, batch.ids_host, batch.valid_host, int(epoch))
+        return self._submit(f"the gather of epoch {epoch} batch {getattr(batch, 'index', '?')}", self._gather, batch.ids_host,
+                            batch.valid_host, int(epoch))
+
+    def collect(self, pending: Future) -> BatchLabels:
+        """The result of a queued gather; raises an earlier task's failure too (tasks run in order,
+        so every task queued before this gather is finished once it is)."""
+        try:
+            result = pending.result()
+        finally:
+            self._raise_failed()
+        return result
 
     def _gather(self, ids: np.ndarray, valid: np.ndarray, epoch: int) -> BatchLabels:
         B = int(ids.shape[0])
@@ -159,7 +189,8 @@ class LabelTraffic:
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        self._submit(self._scatter, event, pseudo, role, tag)
+        step = tag.split("-")[0] if tag else "?"
+        self._submit(f"the store update of step {step} (rank {self.rank})", self._scatter, event, pseudo, role, tag)
 
     def _share(self, batch, labels: BatchLabels, values: torch.Tensor, wire):
         """(ids, rows) on the host (still landing) of the rows this rank's store must receive."""
@@ -206,20 +237,19 @@ class LabelTraffic:
     def fence(self, *, barrier: bool = True) -> None:
         """Wait until every queued gather and scatter is done; with ``barrier`` and several ranks,
         also until every rank got there (a node's writer rank serves the others' next reads)."""
-        queued, self._queued = self._queued, []
-        for fut in queued:
-            fut.result()
+        self._raise_failed(wait=True)
         if barrier and self.world_size > 1:
             import torch.distributed as dist
 
             dist.barrier(group=self.group)
 
     def close(self) -> None:
-        """Finish queued work (errors are raised) and stop the thread."""
+        """Finish queued work (a failure not raised yet is raised now) and stop the thread."""
         try:
-            self.fence(barrier=False)
+            if self._failed is None:
+                self.fence(barrier=False)
         finally:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _host_rows(ids, rows) -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,14 @@ RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the trainer: Slurm signals every process of the job, and
+    a worker that died of it would fail the batch the preemption checkpoint waits for (the
+    workers stop with the loader, or by torch's parent watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 @dataclass
 class LoaderConfig:
     root: str
@@ -399,7 +407,8 @@ class EpochLoader:
         ds = _PilBatches(self.cfg, self.epoch, loc, plan.valid, self._known_bad)
         pin = self.device.type == "cuda"
         dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
-                                         pin_memory=pin, prefetch_factor=2 if self.cfg.workers else None)
+                                         pin_memory=pin, prefetch_factor=2 if self.cfg.workers else None,
+                                         worker_init_fn=_ignore_sigterm if self.cfg.workers else None)
         for b, item in enumerate(dl):
             for sid, shard, key, reason in item["errors"]:
                 self._report(int(sid), shard, key, reason)

@@ -11,7 +11,7 @@
     pml-shard demo OUT [--dataset digits|longtail|photos|openimages-like [--classes 9605]]
 
 Exit codes: 0 success, 1 ``verify`` found a mismatch, 2 bad input or arguments (``--strict``
-stops at the first bad input with exit code 2).
+stops at the first bad input with exit code 2), 130 interrupted (Ctrl-C; rerun to resume).
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ import numpy as np
 
 from ..atomic import atomic_path, atomic_write_json
 from . import images
-from .convert import ConvertError, convert
+from .convert import ConvertError, pool_worker_init, convert
 from ..labels import ObservedLabels
 from .format import DALI_INDEX_VERSION, index_name_for, labels_path, open_labels, read_manifest, sample_key, \
     decode_id, file_sha256
 from .sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
 
 MAX_PROBLEMS_SHOWN = 50
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def verify(folder, *, workers: int = 1, decode: bool = True, progress: bool = Fa
         bar.update(job[1]["count"])
 
     if workers > 1:
-        with cf.ProcessPoolExecutor(workers) as pool:
+        with cf.ProcessPoolExecutor(workers, initializer=pool_worker_init, initargs=(os.getpid(),)) as pool:
             futs = {pool.submit(_verify_shard, str(folder), s, info, lp, L, decode): (s, info, lp)
                     for s, info, lp in jobs}
             for fut in cf.as_completed(futs):
@@ -463,6 +464,10 @@ def main(argv=None) -> int:
     except (InputError, ConvertError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"pml-shard: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = "; rerun the same command to resume (finished shards are kept)" if a.command == "convert" else ""
+        print(f"pml-shard: interrupted{again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
