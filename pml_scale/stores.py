@@ -512,7 +512,7 @@ class VersionedPseudoStore:
 
     def scatter(self, ids, yhat, mask=None, momentum: float = 0.0) -> None:
         """As ``PseudoLabelStore.scatter``, the old values read from the previous epoch's version."""
-        self.write_store.scatter(ids, yhat, mask, momentum, base=self.read_store)
+        self.write_store.scatter(ids, yhat, mask=mask, momentum=momentum, base=self.read_store)
         ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: scatter")
         self.written[ids_np] = True
         self.ever[ids_np] = True
