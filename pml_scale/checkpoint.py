@@ -5,6 +5,11 @@ Commit protocol: DeepSpeed writes the tag folder with ``save_latest=False``; we 
 snapshot(s) into that folder; after a barrier rank 0 atomically rewrites ``latest``. A kill at any
 moment leaves ``latest`` pointing at a complete checkpoint (the older one if the new one was cut).
 
+Pseudo labels: a ``VersionedPseudoStore`` (``pseudo.snapshot=versioned``, the default) is not
+copied: each rank saves its store bitmaps (``pseudo-state-rank{r}.npz``, 2 x N bits) and the
+versions stay where they are (see its docstring: only ``latest`` is restorable). Other stores
+(``pseudo.snapshot=copy``, ROLE's estimates) are copied whole (sparse copy) by the writer.
+
 A write that fails (disk full, file size limit) raises :class:`CheckpointWriteError` naming the
 file, the bytes the checkpoint needs and the bytes free; the cut tag folder is deleted (its space
 given back) and ``latest`` still names the previous checkpoint, from which a rerun resumes.
@@ -19,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import WriteFailed, atomic_write_text, human_bytes
+from .atomic import WriteFailed, atomic_save_npz, atomic_write_text, human_bytes
 from .distributed import barrier
 
 LATEST = "latest"
@@ -62,6 +67,35 @@ def store_snapshot_name(node_index: int | None) -> str:
     return "pseudo.f16" if node_index is None else f"pseudo-node{node_index}.f16"
 
 
+def buffers_name(rank: int) -> str:
+    """This rank's module buffers (BatchNorm running statistics: each data-parallel rank keeps its own,
+    from its own batches, and evaluates with them; DeepSpeed's checkpoint holds rank 0's only)."""
+    return f"buffers-rank{int(rank)}.pt"
+
+
+def _save_buffers(engine, path: Path) -> None:
+    from .atomic import atomic_path
+
+    state = {k: v.detach().cpu() for k, v in engine.module.named_buffers()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_buffers(engine, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = dict(engine.module.named_buffers())
+    if set(state) != set(own):
+        raise ValueError(f"{path}: buffers {sorted(set(state) ^ set(own))[:5]} do not match the model")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def state_name(store: str, rank: int) -> str:
+    """A versioned store's per-rank checkpoint state (bitmaps of the rows written)."""
+    return f"{store}-state-rank{int(rank)}.npz"
+
+
 def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, dist_info, per_node: bool,
          keep: int = 2) -> None:
     """Save everything under ``ckpt_dir/tag`` and then point ``latest`` at it.
@@ -74,8 +108,12 @@ def save(engine, ckpt_dir: Path, tag: str, client_state: dict, *, stores: dict, 
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         node = _node_index(dist_info) if per_node else None
         writer = dist_info.is_local_main if per_node else dist_info.is_main
-        if writer:
-            for name, store in stores.items():
+        if dist_info.world_size > 1:  # DeepSpeed saves rank 0's module only: other ranks' BN statistics differ
+            _save_buffers(engine, ckpt_dir / tag / buffers_name(dist_info.rank))
+        for name, store in stores.items():
+            if hasattr(store, "checkpoint_state"):  # versioned: this rank's bitmaps, no copy of N x L
+                atomic_save_npz(ckpt_dir / tag / state_name(name, dist_info.rank), **store.checkpoint_state())
+            elif writer:
                 store.flush()
                 store.snapshot(ckpt_dir / tag / store_snapshot_name(node).replace("pseudo", name))
     except (OSError, RuntimeError) as e:
@@ -98,9 +136,22 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    buffers = Path(ckpt_dir) / tag / buffers_name(dist_info.rank)
+    if buffers.exists():
+        _load_buffers(engine, buffers)
     node = _node_index(dist_info) if per_node else None
+    for name, store in stores.items():
+        if hasattr(store, "load_checkpoint_state"):
+            src = Path(ckpt_dir) / tag / state_name(name, dist_info.rank)
+            if not src.exists():
+                raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {src.name}: it was written with "
+                                        f"pseudo.snapshot=copy or another world size; resume with the same settings")
+            with np.load(src) as z:
+                store.load_checkpoint_state({k: z[k] for k in z.files}, where=str(src))
     if dist_info.is_local_main:
         for name, store in stores.items():
+            if hasattr(store, "load_checkpoint_state"):
+                continue
             src = Path(ckpt_dir) / tag / store_snapshot_name(node).replace("pseudo", name)
             if not src.exists():
                 raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {src.name}: cannot restore the {name} store")
@@ -108,7 +159,8 @@ def load(engine, ckpt_dir: Path, *, stores: dict, dist_info, per_node: bool) -> 
     barrier()
     if not dist_info.is_local_main:
         for store in stores.values():
-            store.reopen()
+            if not hasattr(store, "load_checkpoint_state"):
+                store.reopen()
     set_rng_state(client_state["rng"])
     return client_state
 

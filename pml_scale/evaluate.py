@@ -38,14 +38,22 @@ def predict(engine, loader, *, epoch: int, num_labels: int, prepare=lambda image
     return s[v], i[v]
 
 
-def score(scores: np.ndarray, ids: np.ndarray, test_labels: np.ndarray, *, partial: bool | None):
-    """mAP and per-class AP of the gathered predictions against the full test labels (rows by id)."""
+def score(scores: np.ndarray, ids: np.ndarray, test_labels, *, partial: bool | None):
+    """mAP and per-class AP of the gathered predictions against the full test labels (rows by id).
+
+    ``test_labels``: an (N, L) int8 array/memmap, or an ``ObservedLabels`` (dense or CSR), whose
+    rows are then read a class block at a time: the states never exist as len(ids) x L."""
+    from .labels import ObservedLabels
+
     order = np.argsort(ids, kind="stable")
     ids, scores = ids[order], scores[order]
     unique, first = np.unique(ids, return_index=True)
     if len(unique) != len(ids):  # a sample seen twice (should not happen): keep its first score
         ids, scores = unique, scores[first]
-    states = np.asarray(test_labels[ids])
-    if partial is None:
-        partial = bool((states < 0).any())
+    if isinstance(test_labels, ObservedLabels):  # partial=None: mAP detects a -1 block by block
+        states = test_labels.columns(ids)
+    else:
+        states = np.asarray(test_labels[ids])
+        if partial is None:
+            partial = bool((states < 0).any())
     return mean_average_precision(scores, states, partial=partial), len(ids)

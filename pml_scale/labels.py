@@ -10,7 +10,10 @@ SPL ⊂ PPL_r). Within a row the keys are distinct (fmix32 is a bijection), so t
 
 The store (``ObservedLabels``) is indexed by sample id = row. Dense form: an int8 ``.npy``
 opened with ``mmap_mode="r"`` (5.6M x 600 = 3.4 GB never read in whole). CSR form (``.npz``)
-stores only the observed entries, for 10k+ label spaces where most entries are missing.
+stores only the entries that differ from its ``fill`` state (-1: observed entries of partial
+labels; 0: positives of full labels, negatives implied), for 10k+ label spaces where N x L
+would be tens of GB although each image lists a handful of labels. Every reader here (settings,
+statistics, gathers, evaluation columns) works on it without densifying more than one block.
 """
 
 from __future__ import annotations
@@ -166,19 +169,16 @@ def _pal_chunk(chunk: np.ndarray, keys_row: np.ndarray, k: int, colmix: np.ndarr
     return np.where(keys <= kth, chunk, np.int8(MISSING))
 
 
-def _ppl_chunk(chunk: np.ndarray, keys_row: np.ndarray, ratio: float | None) -> np.ndarray:
-    """Keep max(1, round(ratio*n+)) positives per row (1 when ratio is None: SPL), no negatives.
-
-    Works on the positive entries only, so cost grows with the number of positives, not L.
-    """
-    rows, cols = np.nonzero(chunk == POS)  # row-major: grouped by row
-    out = np.full(chunk.shape, MISSING, dtype=np.int8)
+def _ppl_select(rows: np.ndarray, cols: np.ndarray, n_rows: int, keys_row: np.ndarray,
+                ratio: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the positives kept: max(1, round(ratio*n+)) per row (1 when ratio is None:
+    SPL). ``rows`` must be grouped by row in increasing order (row-major nonzero, or CSR order)."""
     if rows.size == 0:
-        return out
+        return rows, cols
     keys = keys_row[rows] ^ _col_mix(cols)
     _fmix32(keys)
     order = np.argsort((rows.astype(np.uint64) << np.uint64(32)) | keys.astype(np.uint64))
-    n_pos = np.bincount(rows, minlength=chunk.shape[0])
+    n_pos = np.bincount(rows, minlength=n_rows)
     if ratio is None:
         k_row = np.minimum(n_pos, 1)
     else:
@@ -186,7 +186,18 @@ def _ppl_chunk(chunk: np.ndarray, keys_row: np.ndarray, ratio: float | None) -> 
     starts = np.cumsum(n_pos) - n_pos
     srows = rows[order]
     keep = (np.arange(rows.size) - starts[srows]) < k_row[srows]
-    out[srows[keep], cols[order][keep]] = POS
+    return srows[keep], cols[order][keep]
+
+
+def _ppl_chunk(chunk: np.ndarray, keys_row: np.ndarray, ratio: float | None) -> np.ndarray:
+    """Keep max(1, round(ratio*n+)) positives per row (1 when ratio is None: SPL), no negatives.
+
+    Works on the positive entries only, so cost grows with the number of positives, not L.
+    """
+    rows, cols = np.nonzero(chunk == POS)  # row-major: grouped by row
+    out = np.full(chunk.shape, MISSING, dtype=np.int8)
+    r, c = _ppl_select(rows, cols, chunk.shape[0], keys_row, ratio)
+    out[r, c] = POS
     return out
 
 
@@ -244,10 +255,78 @@ def make_observed(full: np.ndarray, setting: str, ratio: float | None = None, se
     return out
 
 
+def observed_csr(full: "ObservedLabels", setting: str, ratio: float | None = None, seed: int = 0, *,
+                 chunk_rows: int | None = None, progress: bool = False) -> "ObservedLabels":
+    """``make_observed`` of any ``ObservedLabels`` (dense or CSR), returned as CSR (fill -1), never
+    holding N x L: the same draw, row by row (the keys depend on the global row only).
+
+    PPL/SPL/NATIVE on CSR work on the listed entries alone (O(entries)); PAL and dense inputs go
+    through dense blocks of ``chunk_rows`` rows (default: 16 MiB of states per block)."""
+    name, r = _resolve_setting(setting, ratio)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _M64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    n, num_labels = full.shape
+    if full.form == "csr" and name in ("NATIVE", "FAL", "PPL", "SPL"):
+        if name in ("NATIVE", "FAL"):  # every entry kept: the labels themselves (fill included)
+            return full
+        ptr, idx, val = full.indptr, full.indices, full.values
+        chunk = int(chunk_rows or 1 << 20)
+        counts, idx_parts = [], []
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            lo, hi = int(ptr[a]), int(ptr[b])
+            sel = val[lo:hi] == POS
+            rows = np.repeat(np.arange(b - a), np.diff(ptr[a:b + 1]))[sel]
+            kr, kc = _ppl_select(rows, idx[lo:hi][sel].astype(np.int64), b - a, _row_keys(int(seed), a, b),
+                                 r if name == "PPL" else None)
+            order = np.lexsort((kc, kr))
+            counts.append(np.bincount(kr, minlength=b - a))
+            idx_parts.append(kc[order].astype(np.int32))
+        indptr = np.zeros(n + 1, np.int64)
+        if counts:
+            np.cumsum(np.concatenate(counts), out=indptr[1:])
+        indices = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int32)
+        return ObservedLabels(csr=(indptr, indices, np.full(indices.size, POS, np.int8), full.shape),
+                              source=full.source)
+    chunk = int(chunk_rows or block_rows(num_labels))
+    counts, idx_parts, val_parts = [], [], []
+    blocks = full.iter_rows(chunk)
+    if progress:
+        from tqdm import tqdm
+        blocks = tqdm(blocks, total=-(-n // chunk), desc=f"observed {name}", unit="chunk")
+    for a, block in blocks:
+        drawn = _draw_block(block, a, name, r, int(seed))
+        rr, cc = np.nonzero(drawn != MISSING)
+        counts.append(np.bincount(rr, minlength=block.shape[0]))
+        idx_parts.append(cc.astype(np.int32))
+        val_parts.append(drawn[rr, cc])
+    indptr = np.zeros(n + 1, np.int64)
+    if counts:
+        np.cumsum(np.concatenate(counts), out=indptr[1:])
+    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    return ObservedLabels(csr=(indptr, cat(idx_parts, np.int32), cat(val_parts, np.int8), full.shape),
+                          source=full.source)
+
+
+def _draw_block(chunk: np.ndarray, start: int, name: str, ratio: float | None, seed: int) -> np.ndarray:
+    """The setting's draw of the rows start .. start + len(chunk) (global row numbers)."""
+    _check_values(chunk, start, "full")
+    if name in ("FAL", "NATIVE"):
+        return chunk
+    keys_row = _row_keys(seed, start, start + chunk.shape[0])
+    if name == "PAL":
+        k = round(ratio * chunk.shape[1])
+        if k < 1:
+            raise ValueError(f"ratio={ratio} keeps round({ratio} * {chunk.shape[1]}) = 0 labels per image in PAL; "
+                             f"use ratio >= {0.5 / chunk.shape[1]:.3g}")
+        return _pal_chunk(chunk, keys_row, k, _col_mix(np.arange(chunk.shape[1])))
+    return _ppl_chunk(chunk, keys_row, ratio if name == "PPL" else None)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
-def label_stats(states, *, chunk_rows: int = 65536) -> dict:
+def label_stats(states, *, chunk_rows: int | None = None) -> dict:
     """Per-image means and per-class counts of positives, negatives and missing entries.
 
     ``states`` is an int8 (N, L) array/memmap (read chunk by chunk) or an ``ObservedLabels``
@@ -257,19 +336,22 @@ def label_stats(states, *, chunk_rows: int = 65536) -> dict:
         n, num_labels = states.shape
         ptr, idx, val = states.indptr, states.indices, states.values
         pos_c = np.bincount(idx[val == POS], minlength=num_labels).astype(np.int64)
-        neg_c = np.bincount(idx[val == NEG], minlength=num_labels).astype(np.int64)
-        rows = np.repeat(np.arange(n), np.diff(ptr))
-        row_pos = np.bincount(rows[val == POS], minlength=n)
+        if states.fill == NEG:  # negatives implied: every entry not listed as positive or missing
+            neg_c = n - pos_c - np.bincount(idx[val == MISSING], minlength=num_labels).astype(np.int64)
+        else:
+            neg_c = np.bincount(idx[val == NEG], minlength=num_labels).astype(np.int64)
+        row_pos = np.diff(np.concatenate([[0], np.cumsum(val == POS)])[ptr])  # positives per row
         no_pos = int((row_pos == 0).sum())
     else:
         if isinstance(states, ObservedLabels):
             states = states.dense
         _check_states(states, "states")
         n, num_labels = states.shape
+        chunk_rows = int(chunk_rows or block_rows(num_labels))
         pos_c = np.zeros(num_labels, np.int64)
         neg_c = np.zeros(num_labels, np.int64)
         no_pos = 0
-        for a in range(0, n, int(chunk_rows)):
+        for a in range(0, n, chunk_rows):
             chunk = np.asarray(states[a:a + int(chunk_rows)])
             _check_values(chunk, a, "states")
             pos = chunk == POS
@@ -324,10 +406,14 @@ class ObservedLabels:
     """
 
     def __init__(self, *, dense: np.ndarray | None = None, csr: tuple | None = None,
-                 source: str | None = None):
+                 source: str | None = None, fill: int = MISSING):
         if (dense is None) == (csr is None):
             raise ValueError("give exactly one of dense= or csr=; use from_dense / from_csr / load")
+        if int(fill) not in (MISSING, NEG):
+            raise ValueError(f"{source or '<in-memory>'}: CSR fill must be -1 (unlisted = missing) or 0 "
+                             f"(unlisted = negative), got {fill!r}")
         self.source = source or "<in-memory>"
+        self.fill = int(fill)  # the state of every entry a CSR row does not list
         self.dense = dense
         if csr is not None:
             indptr, indices, values, shape = csr
@@ -348,9 +434,11 @@ class ObservedLabels:
         return obj
 
     @classmethod
-    def from_csr(cls, indptr, indices, values, shape, *, validate: bool = True) -> "ObservedLabels":
-        """From CSR arrays: indptr int64 (N+1,), indices int32 label ids sorted per row, values int8 in {0, 1}."""
-        obj = cls(csr=(np.asarray(indptr), np.asarray(indices), np.asarray(values), tuple(shape)))
+    def from_csr(cls, indptr, indices, values, shape, *, fill: int = MISSING,
+                 validate: bool = True) -> "ObservedLabels":
+        """From CSR arrays: indptr int64 (N+1,), indices int32 label ids sorted per row, values int8
+        states other than ``fill`` (the state of unlisted entries: -1 missing, 0 negative)."""
+        obj = cls(csr=(np.asarray(indptr), np.asarray(indices), np.asarray(values), tuple(shape)), fill=fill)
         if validate:
             obj.validate()
         return obj
@@ -378,7 +466,9 @@ class ObservedLabels:
                     shape = z["shape"]
                     if shape.shape != (2,) or shape.dtype.kind not in "iu":
                         raise ValueError(f"key 'shape' must be 2 integers, got {shape!r}")
-                    obj = cls(csr=(z["indptr"], z["indices"], z["values"], tuple(shape)), source=str(path))
+                    fill = int(z["fill"]) if "fill" in z.files else MISSING  # files before fill: -1
+                    obj = cls(csr=(z["indptr"], z["indices"], z["values"], tuple(shape)), source=str(path),
+                              fill=fill)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -405,7 +495,15 @@ class ObservedLabels:
         return self._shape[1]
 
     def __repr__(self) -> str:
-        return f"ObservedLabels({self.form}, shape={self.shape}, source={self.source!r})"
+        fill = f", fill={self.fill}" if self.form == "csr" else ""
+        return f"ObservedLabels({self.form}, shape={self.shape}{fill}, source={self.source!r})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the label arrays (the file's payload): N x L dense, or the three CSR arrays."""
+        if self.form == "dense":
+            return self.num_samples * self.num_labels
+        return int(self.indptr.nbytes + self.indices.nbytes + self.values.nbytes)
 
     # -- validation
     def validate(self, *, chunk_rows: int = 65536) -> "ObservedLabels":
@@ -435,26 +533,32 @@ class ObservedLabels:
         if ptr[0] != 0 or ptr[-1] != idx.shape[0]:
             raise ValueError(f"{src}: CSR indptr must start at 0 and end at len(indices) = {idx.shape[0]}, "
                              f"got {int(ptr[0])} .. {int(ptr[-1])}")
-        d = np.diff(ptr)
-        if (d < 0).any():
-            raise ValueError(f"{src}: CSR indptr decreases at row {int(np.argmax(d < 0))} (must be non-decreasing)")
+        d = ptr[1:] < ptr[:-1]
+        if d.any():
+            raise ValueError(f"{src}: CSR indptr decreases at row {int(np.argmax(d))} (must be non-decreasing)")
         if idx.size:
-            bad = (idx < 0) | (idx >= num_labels)
-            if bad.any():
+            if int(idx.min()) < 0 or int(idx.max()) >= num_labels:
+                bad = (idx < 0) | (idx >= num_labels)
                 k = int(np.argmax(bad))
                 raise ValueError(f"{src}: CSR row {self._row_of(k)}: label index {int(idx[k])} "
                                  f"out of range [0, {num_labels})")
-            bad = (val != NEG) & (val != POS)
+            allowed = [v for v in (MISSING, NEG, POS) if v != self.fill]
+            bad = (val != allowed[0]) & (val != allowed[1])  # 1 B per entry
             if bad.any():
                 k = int(np.argmax(bad))
-                raise ValueError(f"{src}: CSR row {self._row_of(k)}: value {int(val[k])}; CSR stores observed "
-                                 f"entries only, accepted values 0 (negative), 1 (positive)")
-            step = np.diff(idx.astype(np.int64)) <= 0
-            step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < idx.size)] - 1] = False  # row boundaries
-            if step.any():
-                k = int(np.argmax(step)) + 1
-                raise ValueError(f"{src}: CSR row {self._row_of(k)}: label indices not strictly increasing "
-                                 f"({int(idx[k - 1])} then {int(idx[k])})")
+                what = {MISSING: "observed entries only", NEG: "positives and explicit missing entries only"}
+                raise ValueError(f"{src}: CSR row {self._row_of(k)}: value {int(val[k])}; CSR with fill "
+                                 f"{self.fill} stores {what[self.fill]}, accepted values "
+                                 f"{' and '.join(map(str, allowed))}")
+            starts = np.zeros(idx.size, bool)  # True where a row begins: no order needed across it
+            starts[ptr[:-1][ptr[:-1] < idx.size]] = True
+            for a in range(0, idx.size - 1, 1 << 22):  # blocks: a few MB of temporaries, not 16 B/entry
+                b = min(a + (1 << 22), idx.size - 1)
+                step = (idx[a + 1:b + 1] <= idx[a:b]) & ~starts[a + 1:b + 1]
+                if step.any():
+                    k = a + int(np.argmax(step)) + 1
+                    raise ValueError(f"{src}: CSR row {self._row_of(k)}: label indices not strictly increasing "
+                                     f"({int(idx[k - 1])} then {int(idx[k])})")
         return self
 
     def _row_of(self, k: int) -> int:
@@ -480,7 +584,7 @@ class ObservedLabels:
         if self.form == "dense":
             return np.asarray(self.dense[ids], dtype=np.int8)
         starts, lens = self.indptr[ids], self.indptr[ids + 1] - self.indptr[ids]
-        out = np.full((ids.size, self.num_labels), MISSING, dtype=np.int8)
+        out = np.full((ids.size, self.num_labels), self.fill, dtype=np.int8)
         total = int(lens.sum())
         if total:
             first = np.cumsum(lens) - lens
@@ -488,8 +592,10 @@ class ObservedLabels:
             out[np.repeat(np.arange(ids.size), lens), self.indices[pos]] = self.values[pos]
         return out
 
-    def iter_rows(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (start, int8 dense block) over all rows; memory O(chunk_rows x L)."""
+    def iter_rows(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, int8 dense block) over all rows; memory O(chunk_rows x L), by default
+        ``block_rows(L)`` rows (16 MiB blocks whatever L)."""
+        chunk_rows = int(chunk_rows or block_rows(self.num_labels))
         for a in range(0, self.num_samples, chunk_rows):
             b = min(a + chunk_rows, self.num_samples)
             yield a, (np.asarray(self.dense[a:b]) if self.form == "dense" else self.gather(np.arange(a, b)))
@@ -501,9 +607,10 @@ class ObservedLabels:
             out[a:a + block.shape[0]] = block
         return out
 
-    def to_csr(self, *, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-        """(indptr int64, indices int32, values int8, shape); only observed entries, sorted per row."""
-        if self.form == "csr":
+    def to_csr(self, *, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """(indptr int64, indices int32, values int8, shape); only observed entries, sorted per row.
+        A CSR store with fill 0 is re-expressed with fill -1 (its implied negatives listed)."""
+        if self.form == "csr" and self.fill == MISSING:
             return self.indptr, self.indices, self.values, self.shape
         counts, idx_parts, val_parts = [], [], []
         for a, block in self.iter_rows(chunk_rows):
@@ -538,7 +645,69 @@ class ObservedLabels:
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"{path}: save_csr() writes .npz; use save() for dense .npy")
-        indptr, indices, values, shape = self.to_csr()
-        atomic_save_npz(path, indptr=indptr, indices=indices, values=values,
-                        shape=np.asarray(shape, dtype=np.int64))
+        if self.form == "csr":  # kept as it is (fill included): no re-expression
+            indptr, indices, values, shape, fill = self.indptr, self.indices, self.values, self.shape, self.fill
+        else:
+            (indptr, indices, values, shape), fill = self.to_csr(), MISSING
+        save_csr(path, indptr, indices, values, shape, fill=fill)
         return path
+
+    # -- sparse readers
+    def positives_per_class(self) -> np.ndarray:
+        """int64 (L,) positives per class, counted without densifying (CSR) or block by block."""
+        if self.form == "csr":
+            return np.bincount(self.indices[self.values == POS], minlength=self.num_labels).astype(np.int64)
+        out = np.zeros(self.num_labels, np.int64)
+        for _, block in self.iter_rows():
+            out += (block == POS).sum(0)
+        return out
+
+    def columns(self, ids) -> "SparseColumns":
+        """The rows ``ids`` (in that order) as a column-block reader for per-class evaluation."""
+        return SparseColumns(self, self._check_ids(ids))
+
+
+class SparseColumns:
+    """Rows ``ids`` of an ``ObservedLabels`` read a block of classes at a time: ``column_block(a, b)``
+    gives int8 (b - a, len(ids)), so a per-class metric never holds len(ids) x L states. For CSR the
+    entries of the rows are sorted by class once (O(entries)); dense rows are read per block."""
+
+    def __init__(self, labels: ObservedLabels, ids: np.ndarray):
+        self.labels, self.ids = labels, ids
+        self.shape = (int(ids.size), labels.num_labels)
+        self.ndim, self.dtype = 2, np.dtype(np.int8)
+        if labels.form == "csr":
+            starts, lens = labels.indptr[ids], labels.indptr[ids + 1] - labels.indptr[ids]
+            total = int(lens.sum())
+            pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total)
+            rows = np.repeat(np.arange(ids.size), lens)
+            cols = labels.indices[pos].astype(np.int64)
+            order = np.argsort(cols, kind="stable")
+            self._rows, self._vals = rows[order], labels.values[pos][order]
+            self._colptr = np.searchsorted(cols[order], np.arange(labels.num_labels + 1))
+
+    def column_block(self, a: int, b: int) -> np.ndarray:
+        if self.labels.form == "dense":
+            order = np.argsort(self.ids, kind="stable")
+            block = np.empty((self.ids.size, b - a), np.int8)
+            block[order] = self.labels.dense[self.ids[order], a:b]
+            return np.ascontiguousarray(block.T)
+        out = np.full((b - a, self.ids.size), self.labels.fill, dtype=np.int8)
+        lo, hi = int(self._colptr[a]), int(self._colptr[b])
+        cols = np.repeat(np.arange(b - a), np.diff(self._colptr[a:b + 1]))
+        out[cols, self._rows[lo:hi]] = self._vals[lo:hi]
+        return out
+
+
+def block_rows(num_labels: int, elements: int = 1 << 24) -> int:
+    """Rows per dense block so that one block holds about ``elements`` entries (16 MiB of int8)."""
+    return max(1, min(65536, int(elements) // max(int(num_labels), 1)))
+
+
+def save_csr(path, indptr, indices, values, shape, *, fill: int = MISSING) -> Path:
+    """Atomic CSR ``.npz`` (indptr int64, indices int32, values int8, shape int64, fill int8)."""
+    path = Path(path)
+    atomic_save_npz(path, indptr=np.asarray(indptr, np.int64), indices=np.asarray(indices, np.int32),
+                    values=np.asarray(values, np.int8), shape=np.asarray(shape, dtype=np.int64),
+                    fill=np.asarray(fill, np.int8))
+    return path

@@ -19,6 +19,8 @@ import torch
 
 def _column_block(x, a: int, b: int, device) -> torch.Tensor:
     """Columns a:b of a (N, L) numpy/torch array as a contiguous (b-a, N) torch tensor."""
+    if hasattr(x, "column_block"):  # labels.SparseColumns: states of a CSR store, by class block
+        return torch.from_numpy(x.column_block(a, b)).to(device)
     if isinstance(x, torch.Tensor):
         return x[:, a:b].T.to(device).contiguous()
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x[:, a:b]).T)).to(device)
@@ -26,6 +28,8 @@ def _column_block(x, a: int, b: int, device) -> torch.Tensor:
 
 def _check_inputs(scores, states) -> tuple[int, int]:
     for name, x in (("scores", scores), ("states", states)):
+        if name == "states" and hasattr(x, "column_block"):
+            continue
         if not isinstance(x, (np.ndarray, torch.Tensor)):
             raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
         if x.ndim != 2:
@@ -36,6 +40,8 @@ def _check_inputs(scores, states) -> tuple[int, int]:
     if sdt == torch.bool or sdt.is_complex:
         raise TypeError(f"scores must be real numbers, got {scores.dtype}")
     ydt = states.dtype
+    if hasattr(states, "column_block"):
+        return tuple(int(s) for s in scores.shape)
     is_int = (not ydt.is_floating_point and not ydt.is_complex and ydt != torch.bool) \
         if isinstance(states, torch.Tensor) else states.dtype.kind in "iu"
     if not is_int:
@@ -75,7 +81,8 @@ def mean_average_precision(scores, states, *, partial: bool | None = None,
     """(mAP in [0, 1], per-class AP float64 (L,) with NaN for skipped classes).
 
     ``scores``: (N, L) numpy or torch (any device), higher = more positive. ``states``: int
-    (N, L) with 1 positive, 0 negative, -1 missing (ignored). Classes with no observed
+    (N, L) with 1 positive, 0 negative, -1 missing (ignored), or a ``labels.SparseColumns``
+    (rows of a CSR label file read a class block at a time: no N x L states). Classes with no observed
     positive are skipped; in partial mode (default: whenever a -1 is present; force with
     ``partial=True``/``False``) classes with no observed negative are skipped too.
     """

@@ -21,8 +21,10 @@ torch.autocast inside DeepSpeed's forward (its ``torch_autocast`` section) with 
 weights in channels_last; ``deepspeed`` runs DeepSpeed's bf16/fp16 mode (half-precision weights,
 NCHW because DeepSpeed broadcasts and flattens parameters as raw bytes).
 
-What grows with what: host memory-maps of N×L int8 (observed) and N×L fp16 (pseudo) per node;
-per-step traffic B·L per rank; checkpoint size = model + optimizer + N×L×2 bytes of pseudo labels.
+What grows with what: host memory-maps of N×L int8 (observed, dense) or its listed entries (CSR,
+13 B each) and N×L fp16 (pseudo) per node; per-step traffic B·L per rank; checkpoint size =
+model + optimizer + 2 bitmaps of N bits per rank (``pseudo.snapshot=versioned``: two N×L fp16 stores
+by epoch parity instead of one) or + N×L×2 bytes of pseudo labels (``copy``).
 """
 
 from __future__ import annotations
@@ -41,18 +43,18 @@ import torch
 from . import checkpoint
 from .atomic import atomic_path, atomic_write_json
 from .config import deepspeed_config, load_config, parse_cli, save_resolved
-from .data.format import labels_name, read_manifest
+from .data.format import labels_path, open_labels, read_manifest
 from .data.drift import changed_shards, record_shards, shard_change_error
 from .data.label_traffic import LabelTraffic, debug_dump_dir
 from .data.loaders import LoaderConfig, build_loader
 from .distributed import barrier, broadcast_buffers, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
 from .data.shard import make_mask, observed_name
-from .labels import POS, ObservedLabels, class_prior, label_stats, parse_setting
+from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
 from .preemption import EXIT_PREEMPTED, PreemptionGuard, Preempted
-from .stores import PseudoLabelStore, RoleEstimates
+from .stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore, pseudo_store_class
 from .tracking import Tracker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -87,7 +89,7 @@ def observed_path(cfg) -> Path:
     name, ratio = parse_setting(cfg.data.setting)
     root = Path(cfg.data.root)
     if name in ("FAL", "NATIVE"):
-        return root / labels_name(cfg.data.train_split)
+        return labels_path(root, cfg.data.train_split)
     stem = root / "observed" / observed_name(name, ratio, cfg.data.setting_seed)
     csr = stem.with_name(stem.name + ".npz")
     return csr if csr.exists() else stem.with_name(stem.name + ".npy")
@@ -100,17 +102,16 @@ def ensure_observed(cfg, dist_info) -> ObservedLabels:
             raise FileNotFoundError(f"data.observed={cfg.data.observed!r} does not exist")
         if dist_info.is_local_main and not path.exists():
             print(f"[pml-scale] drawing observed labels {path.name} ({cfg.data.setting}, seed "
-                  f"{cfg.data.setting_seed}) from {labels_name(cfg.data.train_split)}", flush=True)
+                  f"{cfg.data.setting_seed}) from {labels_path(cfg.data.root, cfg.data.train_split).name}",
+                  flush=True)
             make_mask(cfg.data.root, cfg.data.setting, seed=cfg.data.setting_seed, split=cfg.data.train_split)
         barrier()
     return ObservedLabels.load(path)
 
 
-def expected_positives(full_train: np.ndarray, chunk: int = 65536) -> float:
-    total = 0
-    for start in range(0, full_train.shape[0], chunk):
-        total += int((np.asarray(full_train[start:start + chunk]) == POS).sum())
-    return total / max(full_train.shape[0], 1)
+def expected_positives(full_train: ObservedLabels) -> float:
+    """Positives per training image (dense: block by block; CSR: from the listed entries)."""
+    return int(full_train.positives_per_class().sum()) / max(full_train.num_samples, 1)
 
 
 def val_seed(cfg) -> int:
@@ -242,13 +243,13 @@ class RunData:
     loaders, already checked against each other."""
     manifest: dict
     num_labels: int
-    full_train: np.ndarray
-    test_labels: np.ndarray
+    full_train: ObservedLabels  # dense memmap or CSR: never N × L in memory
+    test_labels: ObservedLabels
     observed: ObservedLabels
     train_loader: Any
     eval_loader: Any
     steps_per_epoch: int
-    eval_labels: np.ndarray  # rows by id of the split eval_loader reads (the train labels for "val")
+    eval_labels: ObservedLabels  # rows by id of the split eval_loader reads (the train labels for "val")
     eval_name: str  # "val" (carved from train: every choice is made on it) or "test"
     features: Path | None = None  # the feature cache folder (data.feature_cache)
 
@@ -352,8 +353,8 @@ def build_data(cfg, dist_info) -> RunData:
     manifest = ensure_dataset(cfg, dist_info)
     root = Path(cfg.data.root)
     num_labels = int(manifest["num_classes"])
-    full_train = np.load(root / labels_name(cfg.data.train_split), mmap_mode="r")
-    test_labels = np.load(root / labels_name(cfg.data.test_split), mmap_mode="r")
+    full_train = open_labels(root, cfg.data.train_split, manifest)
+    test_labels = open_labels(root, cfg.data.test_split, manifest)
     observed = ensure_observed(cfg, dist_info)
     num_train = observed.num_samples
     if observed.num_labels != num_labels:
@@ -417,15 +418,15 @@ def open_stores(cfg, dist_info, store_dir: Path, data: RunData, *, resuming: boo
     if dist_info.is_local_main:
         store_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:  # a fresh run starts from ỹ = 0.5, whatever an earlier run left in the folder
-            for name in ("pseudo.f16", "role.f32"):
+            for name in ("pseudo.f16", "role.f32", "pseudo.v0.f16", "pseudo.v1.f16"):
                 for leftover in (store_dir / name, store_dir / f"{name}.json"):
                     leftover.unlink(missing_ok=True)
         init = None
         if cfg.pseudo.init == "prior":
             init = class_prior(label_stats(data.observed), k_expected)
-        PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=True, init=init)
+        make_pseudo_store(cfg, store_dir, num_train, num_labels, create=True, init=init)
     barrier()
-    stores["pseudo"] = PseudoLabelStore(store_dir / "pseudo.f16", num_train, num_labels, create=False)
+    stores["pseudo"] = make_pseudo_store(cfg, store_dir, num_train, num_labels, create=False)
     if cfg.loss.name == "role":
         if dist_info.is_local_main:
             RoleEstimates(store_dir / "role.f32", num_train, num_labels, init_observed=data.observed,
@@ -433,6 +434,14 @@ def open_stores(cfg, dist_info, store_dir: Path, data: RunData, *, resuming: boo
         barrier()
         stores["role"] = RoleEstimates(store_dir / "role.f32", num_train, num_labels, seed=cfg.run.seed)
     return stores
+
+
+def make_pseudo_store(cfg, store_dir: Path, num_train: int, num_labels: int, *, create: bool, init=None):
+    """``pseudo.snapshot``: versioned (two stores by epoch parity: checkpoints copy nothing) or copy."""
+    if cfg.pseudo.snapshot == "versioned":
+        return VersionedPseudoStore(store_dir, num_train, num_labels, create=create, init=init, dtype=cfg.pseudo.dtype)
+    cls = pseudo_store_class(cfg.pseudo.dtype)
+    return cls(store_dir / "pseudo.f16", num_train, num_labels, create=create, init=init)
 
 
 def build_engine(cfg, dist_info, data: RunData):
@@ -545,6 +554,9 @@ def train_epoch(t: Trainer, epoch: int) -> None:
     # explicit ordering: every store write of the previous epoch (or the restored snapshot) is in
     # every rank's store before this epoch's first gather reads it
     t.traffic.fence(barrier=True)
+    pseudo = t.losses.pseudo_store
+    if hasattr(pseudo, "begin_epoch"):  # versioned: read last epoch's version, write this one's
+        pseudo.begin_epoch(epoch)
     bar = t.tracker.progress(t.data.steps_per_epoch, f"epoch {epoch + 1}/{cfg.run.epochs}", initial=start_batch)
     t_last = time.perf_counter()
     shares = {"_sync": cfg.run.time_shares and t.dist_info.device.type == "cuda"}
@@ -558,6 +570,8 @@ def train_epoch(t: Trainer, epoch: int) -> None:
         batch, pending = epoch_step(t, m, epoch, batch, pending, batches)
     bar.close()
     t.traffic.fence(barrier=False)
+    if hasattr(pseudo, "end_epoch"):  # complete this epoch's version (rows not visited) before its checkpoint
+        pseudo.end_epoch(link=t.dist_info.is_local_main)
     record_epoch(t, m, epoch)
 
 
@@ -839,7 +853,7 @@ def evaluate_epoch(t: Trainer, epoch: int) -> float:
     return result
 
 
-def score_split(t: Trainer, loader, labels: np.ndarray):
+def score_split(t: Trainer, loader, labels: ObservedLabels):
     """(mAP, per-class AP, images) of the current model on ``loader``'s split (on rank 0; None
     elsewhere): every rank predicts its share, rank 0 scores against ``labels`` (rows by id)."""
     cfg = t.cfg
@@ -855,10 +869,7 @@ def score_split(t: Trainer, loader, labels: np.ndarray):
 
 def save_per_class(t: Trainer, path: Path, epoch: int, per_class: np.ndarray) -> None:
     """Per-class AP beside the training-set frequency of each class (for the long-tail plots)."""
-    full_train = t.data.full_train
-    freq = np.zeros(t.data.num_labels, np.int64)
-    for start in range(0, full_train.shape[0], 65536):
-        freq += (np.asarray(full_train[start:start + 65536]) == POS).sum(0)
+    freq = t.data.full_train.positives_per_class()  # dense: block by block; CSR: from the listed entries
     atomic_write_json(path, {"epoch": epoch, "ap": [None if not np.isfinite(a) else float(a) for a in per_class],
                              "class_freq": freq.tolist(), "classes": t.data.manifest["classes"]})
 

@@ -385,3 +385,86 @@ def test_label_traffic_non_writer_and_task_errors(tmp_path):
         traffic.fence()
     assert isinstance(err.value.__cause__, IndexError)
     traffic.close()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_versioned_store_equals_in_place_and_resumes_from_bitmaps(tmp_path, momentum):
+    """Three epochs of scatters (each epoch visits a different subset once, masks on): the versioned
+    store reads and ends like one in-place store; a mid-epoch checkpoint (bitmaps only) restored
+    after a killed run wrote further rows gives the same end state; checkpoints copy no N x L."""
+    from pml_scale.stores import VersionedPseudoStore
+
+    n, L = 40, 6
+    rng = np.random.default_rng(0)
+    plan = [[rng.permutation(n)[:32].reshape(4, 8)] for _ in range(3)]  # 4 batches of 8, 8 rows left out
+    yhat = [[rng.random((8, L), dtype=np.float32) for _ in range(4)] for _ in range(3)]
+    masks = [[rng.random((8, L)) < 0.7 for _ in range(4)] for _ in range(3)]
+    ref = PseudoLabelStore(tmp_path / "ref.f16", n, L)
+
+    def run(store, epochs=range(3), start=0, stop=4, versioned=True):
+        reads = []
+        for e in epochs:
+            if versioned:
+                store.begin_epoch(e)
+            for b in range(start if e == epochs[0] else 0, stop if e == epochs[-1] else 4):
+                ids = plan[e][0][b]
+                reads.append(store.gather_numpy(ids).copy())
+                store.scatter(ids, yhat[e][b], mask=masks[e][b], momentum=momentum)
+            if versioned and not (e == epochs[-1] and stop < 4):
+                store.end_epoch()
+        return reads
+
+    ref_reads = run(ref, versioned=False)
+    v = VersionedPseudoStore(tmp_path / "v", n, L)
+    np.testing.assert_array_equal(np.stack(run(v)), np.stack(ref_reads))
+    final = np.fromfile(tmp_path / "v" / "pseudo.f16", np.float16)  # the symlink: newest complete version
+    np.testing.assert_array_equal(final, np.fromfile(tmp_path / "ref.f16", np.float16))
+    # checkpoint in epoch 1 after 2 batches; the killed run goes on (2 more batches, epoch end, epoch 2 not started)
+    k = VersionedPseudoStore(tmp_path / "k", n, L)
+    run(k, epochs=range(0, 2), stop=2)
+    state = k.checkpoint_state()
+    assert sum(a.nbytes for a in state.values()) < 40  # bitmaps of N bits, not N x L
+    run(k, epochs=range(1, 2), start=2)
+    r = VersionedPseudoStore(tmp_path / "k", n, L, create=False)  # a new process
+    r.load_checkpoint_state(state)
+    run(r, epochs=range(1, 3), start=2)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "k" / "pseudo.f16", np.float16),
+                                  np.fromfile(tmp_path / "ref.f16", np.float16))
+
+
+@pytest.mark.parametrize("init", [None, "prior"])
+def test_uint8_store_quantises_to_1_255_and_keeps_masked_bytes(tmp_path, init):
+    """pseudo.dtype=uint8 against float64 arithmetic: every read within 1/510 of the value written
+    (the fresh store: the initial value rounded to 1/255), masked entries keep their bytes, momentum
+    works in value space; the versioned store takes it; a header of the other dtype is refused."""
+    from pml_scale.stores import PseudoLabelStore8, VersionedPseudoStore
+
+    n, L = 30, 7
+    rng = np.random.default_rng(4)
+    prior = rng.uniform(0.001, 0.6, L).astype(np.float32) if init else None
+    s = PseudoLabelStore8(tmp_path / "p.u8", n, L, init=prior)
+    start = np.broadcast_to(np.float16(0.5) if prior is None else prior.astype(np.float16).astype(np.float32), (n, L))
+    np.testing.assert_allclose(s.gather_numpy(np.arange(n)), start, atol=1 / 510 + 1e-6)
+    assert os.stat(tmp_path / "p.u8").st_blocks == 0 and os.path.getsize(tmp_path / "p.u8") == n * L
+    ref = s.gather_numpy(np.arange(n)).astype(np.float64)
+    for momentum in (0.0, 0.7):
+        ids = rng.permutation(n)[:12]
+        y = rng.random((12, L), dtype=np.float32)
+        mask = rng.random((12, L)) < 0.6
+        before = np.fromfile(tmp_path / "p.u8", np.uint8).reshape(n, L)[ids].copy()
+        s.scatter(ids, y, mask=mask, momentum=momentum)
+        s.flush()
+        ref[ids] = np.where(mask, momentum * ref[ids] + (1 - momentum) * y, ref[ids])
+        got = s.gather_numpy(np.arange(n))
+        np.testing.assert_allclose(got, ref, atol=1 / 510 + 1e-6)
+        ref = got.astype(np.float64)  # the store's own rounding is the next step's "old"
+        after = np.fromfile(tmp_path / "p.u8", np.uint8).reshape(n, L)[ids]
+        np.testing.assert_array_equal(after[~mask], before[~mask])
+    v = VersionedPseudoStore(tmp_path / "v", n, L, init=prior, dtype="uint8")
+    v.begin_epoch(0)
+    v.scatter(np.arange(5), np.full((5, L), 0.2, np.float32))
+    v.end_epoch()
+    v.begin_epoch(1)
+    np.testing.assert_allclose(v.gather_numpy(np.arange(5)), np.full((5, L), 51 / 255, np.float32), atol=1e-6)
+    with pytest.raises(ValueError, match="dtype|encoding"):
+        PseudoLabelStore(tmp_path / "p.u8", n, L, create=False, init=prior)

@@ -96,17 +96,22 @@ def test_single_process_run_writes_the_contract_files(tiny_demo, tmp_path):
     assert np.mean(pseudo[observed == -1] != 0.5) > 0.9
 
 
-@pytest.mark.parametrize("backend", ["pil", pytest.param("dali_cpu", marks=needs_dali)])
-def test_kill_and_resume_gives_the_same_result(tiny_demo, tmp_path, backend):
+@pytest.mark.parametrize("backend, snapshot", [("pil", "versioned"), ("pil", "copy"),
+                                               pytest.param("dali_cpu", "versioned", marks=needs_dali)])
+def test_kill_and_resume_gives_the_same_result(tiny_demo, tmp_path, backend, snapshot):
     """SIGKILL mid-epoch, start again: the same final mAP and pseudo labels as an uninterrupted run.
     With dali_cpu the loader keeps one pipeline per run; the resumed run starts it at the saved
-    batch (flips are per sample id, so the pixels are the same too)."""
+    batch (flips are per sample id, so the pixels are the same too). pseudo.snapshot=versioned
+    checkpoints hold bitmaps only, =copy a copy of the store."""
     data = {"backend": backend, "workers": 0 if backend == "pil" else 1}
+    pseudo = {"snapshot": snapshot}
     ref_cfg = write_config(tmp_path / "ref.yaml", tiny_demo, tmp_path / "ref", run={"checkpoint_every_steps": 2,
-                                                                                    "deterministic": True}, data=data)
+                                                                                    "deterministic": True}, data=data,
+                           pseudo=pseudo)
     run_train(ref_cfg)
     cfg = write_config(tmp_path / "k.yaml", tiny_demo, tmp_path / "kill", run={"checkpoint_every_steps": 2,
-                                                                               "deterministic": True}, data=data)
+                                                                               "deterministic": True}, data=data,
+                       pseudo=pseudo)
     proc = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "kill" / "t" / "checkpoints" / "latest"
@@ -126,6 +131,9 @@ def test_kill_and_resume_gives_the_same_result(tiny_demo, tmp_path, backend):
     assert got["final_map"] == pytest.approx(ref["final_map"], abs=1e-6)
     shape = np.load(tiny_demo / "observed" / "PAL_0.5_s0.npy", mmap_mode="r").shape
     np.testing.assert_array_equal(read_pseudo(tmp_path / "kill" / "t", shape), read_pseudo(tmp_path / "ref" / "t", shape))
+    ckpts = [p for p in (tmp_path / "kill" / "t" / "checkpoints").iterdir() if p.is_dir()]
+    copies = [p for c in ckpts for p in c.glob("pseudo*.f16")]
+    assert ckpts and (not copies if snapshot == "versioned" else len(copies) == len(ckpts))
 
 
 @pytest.mark.parametrize("sync", ["allgather", "affinity"])

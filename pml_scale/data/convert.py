@@ -8,7 +8,8 @@ Two phases, both over a process pool and both journaled in ``OUT/.progress.jsonl
    (known before any shard is written, so a resumed run writes identical shards); workers
    write shard k = ids [k*S, (k+1)*S) through ``ShardWriter`` (atomic rename on close).
 
-Then the label store ``{split}-labels.npy`` (chunked, temp file + rename), and ``manifest.json``
+Then the label store ``{split}-labels.npy`` (dense, chunked, temp file + rename) or
+``{split}-labels.npz`` (CSR, when smaller: see ``choose_labels_form``), and ``manifest.json``
 last, atomically. A killed run leaves only temp files (deleted on resume) and complete shards
 recorded in the journal with their sha256 (kept if the file still matches). The journal starts
 with a fingerprint of the inputs and options: a rerun with different ones is refused.
@@ -18,7 +19,8 @@ watches the parent pid everywhere), so ``kill -9`` of ``pml-shard convert`` leav
 writing; workers ignore SIGINT, so Ctrl-C in a terminal reaches the parent only, which stops them.
 
 Memory: the parsed source (~200 B per image) plus ``workers * 4`` jobs in flight; the label
-store is written in row chunks (``CHUNK_ROWS * L`` bytes), so nothing holds N x L in memory.
+store is written in row chunks (``CHUNK_ROWS * L`` bytes) or as CSR from the parsed entries, so
+nothing holds N x L in memory.
 """
 
 from __future__ import annotations
@@ -42,14 +44,18 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_write_json
+from ..labels import save_csr
 from . import images
 from .format import FORMAT_VERSION, MANIFEST, ShardWriter, file_sha256, index_name_for, labels_name, \
     shard_name
 from .sources import Source, SplitInputs
+from .sources.base import NEG, POS, ranges
 
 JOURNAL = ".progress.jsonl"
 LOCK = ".lock"
 CHUNK_ROWS = 65536
+LABEL_FORMS = ("auto", "dense", "csr")
+AUTO_DENSE_MAX = 16 << 20  # bytes: a dense label file this small stays dense under "auto"
 MAX_ITEMS = 100_000  # rejected/converted entries listed one by one in the manifest (all are counted)
 
 
@@ -227,7 +233,7 @@ def fingerprint(source: Source, options: dict) -> str:
 
 
 _OUTPUT_PATTERNS = ("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar", "*-[0-9][0-9][0-9][0-9][0-9][0-9].idx", "*-labels.npy",
-                    MANIFEST, JOURNAL)
+                    "*-labels.npz", MANIFEST, JOURNAL)
 
 
 def _our_outputs(out: Path) -> list[Path]:
@@ -258,6 +264,35 @@ def _summary(items: list[dict]) -> dict:
             "items": items[:MAX_ITEMS]}
 
 
+def _csr_entries(inputs: SplitInputs, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, values) of input rows ``rows`` (= sample ids 0..n-1), sorted by class within
+    a row, without the entries equal to the unlisted state (listed negatives of full labels)."""
+    rows = np.asarray(rows, np.int64)
+    counts = inputs.indptr[rows + 1] - inputs.indptr[rows]
+    take = ranges(inputs.indptr[rows], counts)
+    rid = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+    cols, vals = inputs.cols[take].astype(np.int32), inputs.vals[take].astype(np.int8)
+    keep = vals != inputs.unlisted
+    rid, cols, vals = rid[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, rid))
+    indptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(np.bincount(rid, minlength=len(rows)), out=indptr[1:])
+    return indptr, cols[order], vals[order]
+
+
+def choose_labels_form(num_samples: int, num_classes: int, num_entries: int, form: str = "auto") -> str:
+    """"csr" or "dense". Auto: CSR (5 B per listed entry + 8 B per image on disk) when it is smaller
+    than the dense N x L file, except for dense files under ``AUTO_DENSE_MAX``: those stay
+    dense, since a memmap needs no load and any tool reads a .npy."""
+    if form not in LABEL_FORMS:
+        raise ValueError(f"labels_form must be one of {', '.join(LABEL_FORMS)}, got {form!r}")
+    if form != "auto":
+        return form
+    dense = num_samples * num_classes
+    csr = num_entries * 5 + (num_samples + 1) * 8
+    return "csr" if dense > AUTO_DENSE_MAX and csr < dense else "dense"
+
+
 def write_labels(path: Path, inputs: SplitInputs, rows: np.ndarray, num_classes: int) -> dict:
     """Write int8 (len(rows), L) labels, row k = input ``rows[k]`` (= sample id k), in chunks via a
     temp memmap renamed into place; returns the label statistics computed in the same pass."""
@@ -281,6 +316,27 @@ def write_labels(path: Path, inputs: SplitInputs, rows: np.ndarray, num_classes:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return _label_stats(n, per_img_pos, pos_c, neg_c, n_neg, n_miss)
+
+
+def write_labels_csr(path: Path, inputs: SplitInputs, rows: np.ndarray, num_classes: int,
+                     entries: tuple | None = None) -> dict:
+    """The CSR form of ``write_labels`` (fill = the inputs' unlisted state), atomically; the same
+    statistics, counted from the entries (nothing N x L)."""
+    indptr, cols, vals = entries if entries is not None else _csr_entries(inputs, rows)
+    n = len(rows)
+    save_csr(path, indptr, cols, vals, (n, num_classes), fill=inputs.unlisted)
+    rid = np.repeat(np.arange(n), np.diff(indptr))
+    pos_c = np.bincount(cols[vals == POS], minlength=num_classes).astype(np.int64)
+    per_img_pos = np.bincount(rid[vals == POS], minlength=n).astype(np.int32)
+    listed_neg = np.bincount(cols[vals == NEG], minlength=num_classes).astype(np.int64)
+    listed_miss = np.bincount(cols[vals == -1], minlength=num_classes).astype(np.int64)
+    neg_c = n - pos_c - listed_miss if inputs.unlisted == NEG else listed_neg
+    n_neg = int(neg_c.sum())
+    return _label_stats(n, per_img_pos, pos_c, neg_c, n_neg, n * num_classes - int(pos_c.sum()) - n_neg)
+
+
+def _label_stats(n, per_img_pos, pos_c, neg_c, n_neg, n_miss) -> dict:
     denom = max(n, 1)
     return {"num_samples": n, "positives_per_image": float(per_img_pos.sum() / denom),
             "negatives_per_image": n_neg / denom, "missing_per_image": n_miss / denom,
@@ -296,11 +352,14 @@ def write_labels(path: Path, inputs: SplitInputs, rows: np.ndarray, num_classes:
 
 def convert(source: Source, out, *, workers: int = 1, shard_size: int = 1000, max_side: int | None = None,
             quality: int = 90, strict: bool = False, allow_convert: bool = True, progress: bool = True,
-            restart: bool = False, log=print) -> dict:
+            restart: bool = False, labels_form: str = "auto", log=print) -> dict:
     """Convert ``source`` into the shard folder ``out``; returns the manifest.
 
     Rerunning on a finished folder with the same inputs is a no-op; on an interrupted one it
-    resumes. ``strict`` raises :class:`StrictError` at the first rejected input."""
+    resumes. ``strict`` raises :class:`StrictError` at the first rejected input. ``labels_form``:
+    auto (CSR where smaller, see ``choose_labels_form``), dense or csr."""
+    if labels_form not in LABEL_FORMS:
+        raise ValueError(f"labels_form must be one of {', '.join(LABEL_FORMS)}, got {labels_form!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if not isinstance(shard_size, int) or shard_size < 1:
@@ -316,6 +375,8 @@ def convert(source: Source, out, *, workers: int = 1, shard_size: int = 1000, ma
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {"shard_size": shard_size, "max_side": max_side, "quality": quality, "allow_convert": allow_convert}
+    if labels_form != "auto":  # auto is a function of the inputs: fingerprints of earlier runs stay valid
+        options["labels_form"] = labels_form
     fp = fingerprint(source, options)
     with _locked(out):
         man_path = out / MANIFEST
@@ -466,9 +527,20 @@ def _write_phase(source, out, plan, shard_size, max_side, quality, written, jour
 def _finish(source: Source, out: Path, plan: dict, shards: dict, options: dict, fp: str) -> dict:
     """Label stores, then the manifest (last, atomic): the folder is complete once it exists."""
     splits = {}
+    L = len(source.classes)
     for s, p in plan.items():
-        stats = write_labels(out / labels_name(s), source.splits[s], p["rows"], len(source.classes))
-        splits[s] = {"num_samples": len(p["rows"]), "num_inputs": len(source.splits[s]), "labels": labels_name(s),
+        inputs = source.splits[s]
+        entries = _csr_entries(inputs, p["rows"])
+        form = choose_labels_form(len(p["rows"]), L, len(entries[1]), options.get("labels_form", "auto"))
+        name = labels_name(s, form)
+        (out / labels_name(s, "csr" if form == "dense" else "dense")).unlink(missing_ok=True)  # one form per split
+        if form == "csr":
+            stats = write_labels_csr(out / name, inputs, p["rows"], L, entries)
+        else:
+            del entries
+            stats = write_labels(out / name, inputs, p["rows"], L)
+        splits[s] = {"num_samples": len(p["rows"]), "num_inputs": len(source.splits[s]), "labels": name,
+                     "labels_form": form,
                      "unlisted": "missing" if source.splits[s].unlisted == -1 else "negative",
                      "shards": shards[s], "label_stats": stats}
     as_items = lambda rs: [dict(r.to_json()) for r in rs]  # noqa: E731

@@ -5,7 +5,12 @@ A dataset folder written by ``pml-shard`` holds
     manifest.json                    written last; its presence means the folder is complete
     {split}-{k:06d}.tar              WebDataset shards (POSIX tar, no compression)
     {split}-{k:06d}.idx              DALI webdataset index (v1.2), written by us: no GNU tar
-    {split}-labels.npy               full int8 labels of the split, rows by sample id
+    {split}-labels.npy               full int8 labels of the split, rows by sample id (dense), or
+    {split}-labels.npz               the same as CSR (indptr int64, indices int32, values int8,
+                                     shape, fill): only entries that differ from ``fill`` (-1 for
+                                     native partial labels, 0 when negatives are implied); the
+                                     converter picks the smaller (``labels_form``), the manifest's
+                                     ``splits.{split}.labels`` names the file
     observed/{setting}.npy ...       observed-label files of missing-label settings
 
 Each sample in a shard has three members sharing the key ``{sample_id:010d}``:
@@ -50,8 +55,34 @@ def index_name_for(tar_path: str | os.PathLike) -> Path:
     return Path(tar_path).with_suffix(".idx")
 
 
-def labels_name(split: str) -> str:
-    return f"{split}-labels.npy"
+def labels_name(split: str, form: str = "dense") -> str:
+    if form not in ("dense", "csr"):
+        raise ValueError(f"label form must be 'dense' or 'csr', got {form!r}")
+    return f"{split}-labels.{'npy' if form == 'dense' else 'npz'}"
+
+
+def labels_path(folder: str | os.PathLike, split: str, manifest: dict | None = None) -> Path:
+    """The label file of a split: the one the manifest names, else whichever of .npy/.npz exists
+    (a folder written by other tools), else the dense name (for a clear not-found error later)."""
+    folder = Path(folder)
+    if manifest is None and (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder)
+    entry = (manifest or {}).get("splits", {}).get(split, {})
+    if entry.get("labels"):
+        return folder / entry["labels"]
+    for form in ("dense", "csr"):
+        if (folder / labels_name(split, form)).is_file():
+            return folder / labels_name(split, form)
+    return folder / labels_name(split)
+
+
+def open_labels(folder: str | os.PathLike, split: str, manifest: dict | None = None, *, validate: bool = False):
+    """The full labels of a split as ``labels.ObservedLabels`` (dense memmap or CSR in memory:
+    13 B per listed entry + 8 B per image); CSR is always checked (O(entries)), dense only if asked."""
+    from ..labels import ObservedLabels
+
+    path = labels_path(folder, split, manifest)
+    return ObservedLabels.load(path, validate=validate or path.suffix == ".npz")
 
 
 def encode_id(sample_id: int) -> bytes:

@@ -8,7 +8,7 @@
     pml-shard convert csv|jsonl --train F [--test F] [--classes F] [--images D] OUT
     pml-shard mask OUT --setting PAL --ratio 0.3 --seed 0 [--csr]
     pml-shard verify OUT [-j N]
-    pml-shard demo OUT
+    pml-shard demo OUT [--dataset digits|longtail|photos|openimages-like [--classes 9605]]
 
 Exit codes: 0 success, 1 ``verify`` found a mismatch, 2 bad input or arguments (``--strict``
 stops at the first bad input with exit code 2), 130 interrupted (Ctrl-C; rerun to resume).
@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,9 @@ import numpy as np
 from ..atomic import atomic_path, atomic_write_json
 from . import images
 from .convert import ConvertError, pool_worker_init, convert
-from .format import DALI_INDEX_VERSION, index_name_for, labels_name, read_manifest, sample_key, decode_id, \
-    file_sha256
+from ..labels import ObservedLabels
+from .format import DALI_INDEX_VERSION, index_name_for, labels_path, open_labels, read_manifest, sample_key, \
+    decode_id, file_sha256
 from .sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
 
 MAX_PROBLEMS_SHOWN = 50
@@ -80,7 +80,7 @@ def _verify_shard(folder: str, split: str, info: dict, labels_path: str, num_cla
             listed += [(f[k + 3], int(f[k + 1]), int(f[k + 2])) for k in range(0, len(f), 4)]
         if listed != members:
             problems.append(f"{idx.name}: offsets/sizes/names do not match the tar members of {path.name}")
-    labels = np.load(labels_path, mmap_mode="r") if Path(labels_path).is_file() else None
+    labels = _open_labels_cached(labels_path)
     ids: list[int] = []
     try:
         ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
@@ -95,7 +95,7 @@ def _verify_shard(folder: str, split: str, info: dict, labels_path: str, num_cla
                 problems.append(f"{path.name} [{key}]: key does not match the stored id {sid}")
             meta = json.loads(sample["json"])
             if labels is not None and 0 <= sid < labels.shape[0]:
-                row = np.asarray(labels[sid])
+                row = labels.gather(np.array([sid]))[0]
                 if meta.get("pos") != np.flatnonzero(row == 1).tolist() or \
                         meta.get("neg") != np.flatnonzero(row == 0).tolist():
                     problems.append(f"{path.name} [{key}]: json labels differ from {Path(labels_path).name} row {sid}")
@@ -111,6 +111,41 @@ def _verify_shard(folder: str, split: str, info: dict, labels_path: str, num_cla
     return problems, ids
 
 
+_LABELS_CACHE: dict = {}
+
+
+def _open_labels_cached(path: str):
+    """The split's labels (dense memmap or CSR), opened once per process: a CSR file is loaded
+    whole, so each verify worker loads it once, not once per shard. None if absent or invalid
+    (``verify`` reports that itself)."""
+    if path not in _LABELS_CACHE:
+        try:
+            _LABELS_CACHE.clear()
+            _LABELS_CACHE[path] = ObservedLabels.load(path, validate=False) if Path(path).is_file() else None
+        except ValueError:
+            _LABELS_CACHE[path] = None
+    return _LABELS_CACHE[path]
+
+
+def _verify_labels(lpath: Path, n: int, L: int, stats: dict) -> list[str]:
+    """Problems of a split's label file: dtype/shape and values (dense, block by block), or CSR
+    consistency (indptr monotone from 0 to len(indices), indices in [0, L) and strictly increasing
+    per row, values in {-1, 0, 1} other than the fill); per-class positives vs the manifest."""
+    try:
+        labels = ObservedLabels.load(lpath, validate=False)
+    except ValueError as e:
+        return [str(e)]
+    if labels.shape != (n, L):
+        return [f"{lpath.name}: shape {labels.shape}, expected ({n}, {L})"]
+    try:
+        labels.validate()
+    except ValueError as e:
+        return [str(e).replace(str(lpath), lpath.name)]
+    if "class_positives" in stats and stats["class_positives"] != labels.positives_per_class().tolist():
+        return [f"{lpath.name}: per-class positive counts differ from the manifest"]
+    return []
+
+
 def verify(folder, *, workers: int = 1, decode: bool = True, progress: bool = False) -> list[str]:
     """Every problem found in a shard folder (empty list: all consistent). Reads every byte."""
     folder = Path(folder)
@@ -124,24 +159,12 @@ def verify(folder, *, workers: int = 1, decode: bool = True, progress: bool = Fa
         problems.append(f"manifest.json: {len(manifest['classes'])} class names for num_classes {L}")
     jobs = []
     for split, entry in manifest["splits"].items():
-        lpath = folder / labels_name(split)
+        lpath = labels_path(folder, split, manifest)
         n = entry["num_samples"]
         if not lpath.is_file():
             problems.append(f"{lpath.name}: missing")
         else:
-            arr = np.load(lpath, mmap_mode="r")
-            if arr.dtype != np.int8 or arr.shape != (n, L):
-                problems.append(f"{lpath.name}: {arr.dtype} {arr.shape}, expected int8 ({n}, {L})")
-            else:
-                pos = np.zeros(L, np.int64)
-                for a in range(0, n, 65536):
-                    block = np.asarray(arr[a:a + 65536])
-                    if not np.isin(block, (-1, 0, 1)).all():
-                        problems.append(f"{lpath.name}: values outside -1/0/1 in rows {a}..{a + len(block) - 1}")
-                    pos += (block == 1).sum(0)
-                stats = entry.get("label_stats", {})
-                if "class_positives" in stats and stats["class_positives"] != pos.tolist():
-                    problems.append(f"{lpath.name}: per-class positive counts differ from the manifest")
+            problems += _verify_labels(lpath, n, L, entry.get("label_stats", {}))
         expect = 0
         for info in entry["shards"]:
             if info["first_id"] != expect:
@@ -190,12 +213,14 @@ def observed_name(setting: str, ratio: float | None, seed: int) -> str:
     return f"{setting}_{ratio:g}_s{seed}" if ratio is not None else f"{setting}_s{seed}"
 
 
-def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *, csr: bool = False,
+def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *, csr: bool | None = None,
               split: str = "train", progress: bool = False) -> Path:
-    """Draw a missing-label setting from ``{split}-labels.npy`` into ``observed/`` (+ JSON sidecar
-    with its statistics). Memory: the draw goes to a memory-mapped temp file, so one chunk of
-    rows is in RAM whatever N x L (the CSR save then holds only the kept entries)."""
-    from ..labels import ObservedLabels, label_stats, make_observed, parse_setting
+    """Draw a missing-label setting from the split's full labels (dense or CSR) into ``observed/``
+    (+ JSON sidecar with its statistics). Never N x L in memory: a dense result is written block
+    by block through a memory-mapped temp file, a CSR result is drawn from the listed entries
+    (PPL/SPL/NATIVE) or from 16 MiB dense blocks (PAL). ``csr=None``: CSR when the labels are
+    CSR and the setting is not PAL (PAL keeps round(r L) entries per image: dense is smaller)."""
+    from ..labels import _draw_block, label_stats, observed_csr, parse_setting
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -207,34 +232,36 @@ def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *
     if ratio is not None and parsed != float(ratio):
         raise ValueError(f"--ratio {ratio} contradicts --setting {setting}")
     ratio = parsed
-    full = np.load(folder / labels_name(split), mmap_mode="r")
+    full = open_labels(folder, split, manifest)
+    if csr is None:
+        csr = full.form == "csr" and name != "PAL"
     obs_dir = folder / "observed"
     obs_dir.mkdir(exist_ok=True)
     stem = observed_name(name, ratio, seed)
     if split != "train":
         stem = f"{split}-{stem}"
     final = obs_dir / f"{stem}.{'npz' if csr else 'npy'}"
-
-    def draw(path) -> np.ndarray:
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int8, shape=full.shape)
-        make_observed(full, name, ratio, seed, progress=progress, out=mm)
-        mm.flush()
-        return mm
-
-    if csr:  # the dense draw is scratch: only its observed entries are kept (save_csr is atomic)
-        with tempfile.NamedTemporaryFile(dir=obs_dir, prefix=f".{stem}.npy.tmp-") as scratch:
-            ObservedLabels.from_dense(draw(scratch.name)).save_csr(final)
+    if csr:
+        observed = observed_csr(full, name, ratio, seed, progress=progress)
+        observed.save_csr(final)
     else:
         with atomic_path(final) as tmp:
-            draw(tmp)
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=full.shape)
+            for a, block in full.iter_rows():
+                mm[a:a + block.shape[0]] = _draw_block(block, a, name, ratio, int(seed))
+            mm.flush()
+            del mm
+    for other in (final.with_suffix(".npy"), final.with_suffix(".npz")):  # one form per setting
+        if other != final:
+            other.unlink(missing_ok=True)
     stats = label_stats(ObservedLabels.load(final))
     split_stats = manifest["splits"][split].get("label_stats")
     if split_stats and "class_positives" in split_stats:
         full_pos = split_stats["class_positives"]
     else:  # a manifest written by other tools may carry no statistics: count them
-        full_pos = np.asarray(label_stats(full)["pos_per_class"]).tolist()
+        full_pos = full.positives_per_class().tolist()
     side = {"file": final.name, "setting": name, "ratio": ratio, "seed": seed, "split": split,
-            "form": "csr" if csr else "dense", "source_labels": labels_name(split),
+            "form": "csr" if csr else "dense", "source_labels": labels_path(folder, split, manifest).name,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "kept_positive_fraction": float(np.sum(stats["pos_per_class"]) / max(1, sum(full_pos))),
             "classes_without_positive": int((np.asarray(stats["pos_per_class"]) == 0).sum()),
@@ -259,6 +286,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-convert", action="store_true",
                    help="reject non-RGB-JPEG images (PNG, CMYK, grayscale, palette) instead of converting them")
     p.add_argument("--restart", action="store_true", help="discard a partial or finished conversion in OUT")
+    p.add_argument("--labels-form", choices=("auto", "dense", "csr"), default="auto",
+                   help="label file: dense .npy or CSR .npz (default auto: CSR where smaller, dense under 16 MiB)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -319,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, help="kept ratio for PAL/PPL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train")
-    p.add_argument("--csr", action="store_true", help="write CSR .npz instead of dense .npy")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--csr", action="store_true", default=None,
+                      help="write CSR .npz (default: when the labels are CSR and the setting is not PAL)")
+    form.add_argument("--dense", dest="csr", action="store_false", help="write dense .npy")
     p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser("verify", help="re-read and check everything in a shard folder")
@@ -330,11 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build an embedded demo dataset (digits: 80 classes; longtail: 240; photos: "
                                     "14 classes of real photographs, needs Debian's tuxpaint-stamps-default) and "
-                                    "pretrain its backbone (digits, longtail)")
+                                    "pretrain its backbone (digits, longtail); or an Open Images-like one "
+                                    "(openimages-like: raw Open Images CSVs + JPEGs, converted by `convert openimages`)")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--dataset", default="digits", choices=["digits", "longtail", "photos"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "longtail", "photos", "openimages-like"])
     p.add_argument("--stamps", default=None, help="photos: the tuxpaint 'stamps' folder (default: "
                                                   "$PML_STAMPS_DIR or /usr/share/tuxpaint/stamps)")
+    p.add_argument("--classes", type=int, default=9605, help="openimages-like: number of trainable classes")
+    p.add_argument("--labels-form", choices=("auto", "dense", "csr"), default="auto",
+                   help="openimages-like: label file form (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=None,
                    help="default: the dataset's (digits 4800, longtail 6000, photos 4000)")
@@ -385,7 +421,15 @@ def main(argv=None) -> int:
             source = _source(a)
             manifest = convert(source, a.out, workers=a.workers, shard_size=a.shard_size, max_side=a.max_side,
                                quality=a.quality, strict=a.strict, allow_convert=not a.no_convert,
-                               progress=not a.quiet, restart=a.restart)
+                               progress=not a.quiet, restart=a.restart, labels_form=a.labels_form)
+            _report(manifest, a.out)
+        elif a.command == "demo" and a.dataset == "openimages-like":
+            from .openimages_like import build_openimages_like
+
+            manifest = build_openimages_like(a.out, num_classes=a.classes, n_train=a.n_train or 20000,
+                                             n_test=2000 if a.n_test is None else a.n_test, size=a.size or 48,
+                                             seed=a.seed, shard_size=a.shard_size, workers=a.workers,
+                                             labels_form=a.labels_form, progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "demo" and a.dataset == "photos":
             from . import demo_photos as dp
