@@ -118,8 +118,12 @@ def _start_convert_and_wait_for_pool(listing: Path, out: Path, log: Path):
     workers), return (process, worker pids) once both workers exist and the journal shows work
     done (the pool is busy)."""
     with open(log, "w") as f:
+        # SIGINT back to its default in the child: a job started in the background of a
+        # non-interactive shell (how CI may run us) inherits SIGINT ignored, and Python then never
+        # raises KeyboardInterrupt, which is what the Ctrl-C test is about
         proc = subprocess.Popen(_convert_cmd(listing, out), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = out / ".progress.jsonl"
 
     def busy():
