@@ -167,4 +167,5 @@ class FeatureLoader(EpochLoader):
             yield self._finish(x, ids, plan.valid[b], plan.start_batch + b)
 
     def close(self) -> None:
-        self.rows = None
+        self.rows = None  # the memmap; the base class closes its (unused) reader and pipeline state
+        super().close()
