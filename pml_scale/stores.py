@@ -254,6 +254,25 @@ class _RowStore:
 # ----------------------------------------------------------------------------- pseudo labels
 
 
+def _scatter_inputs(ids, yhat, mask, momentum, num_samples: int, num_labels: int, where: str):
+    """The checked (ids, ŷ rows, mask) of a scatter, shared by every store dtype: ids in range,
+    ŷ probabilities of shape (B, L), mask bool (B, L) or None, momentum in [0, 1)."""
+    if not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
+    ids_np = _ids_numpy(ids, num_samples, where)
+    shape = (ids_np.size, num_labels)
+    values = _rows_numpy(yhat, shape, "yhat", where)
+    if not ((values >= 0.0) & (values <= 1.0)).all():
+        raise ValueError(f"{where}: yhat must be probabilities in [0, 1] (sigmoid outputs); "
+                         f"got min {np.nanmin(values) if values.size else 0}, NaN: {bool(np.isnan(values).any())}")
+    mask_np = None
+    if mask is not None:
+        mask_np = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        if mask_np.shape != shape or mask_np.dtype != np.bool_:
+            raise ValueError(f"{where}: mask must be bool of shape {shape}, got {mask_np.dtype} {mask_np.shape}")
+    return ids_np, values, mask_np
+
+
 class PseudoLabelStore(_RowStore):
     """Pseudo labels y~ (docs/design.md §1, Eq. 5), stored as float16 y~ - init so that a fresh
     sparse file reads as y~ = init everywhere: 0.5 (the paper), or a per-label initial value
@@ -333,19 +352,7 @@ class PseudoLabelStore(_RowStore):
         previous epoch's version and writes this epoch's).
         """
         where = f"{self.path}: scatter"
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
-        ids_np = _ids_numpy(ids, self.num_samples, where)
-        shape = (ids_np.size, self.num_labels)
-        values = _rows_numpy(yhat, shape, "yhat", where)
-        if not ((values >= 0.0) & (values <= 1.0)).all():
-            raise ValueError(f"{where}: yhat must be probabilities in [0, 1] (sigmoid outputs); "
-                             f"got min {np.nanmin(values) if values.size else 0}, NaN: {bool(np.isnan(values).any())}")
-        mask_np = None
-        if mask is not None:
-            mask_np = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
-            if mask_np.shape != shape or mask_np.dtype != np.bool_:
-                raise ValueError(f"{where}: mask must be bool of shape {shape}, got {mask_np.dtype} {mask_np.shape}")
+        ids_np, values, mask_np = _scatter_inputs(ids, yhat, mask, momentum, self.num_samples, self.num_labels, where)
         if ids_np.size == 0:
             return
         uniq, rows = _last_occurrence(ids_np)
@@ -398,18 +405,7 @@ class PseudoLabelStore8(PseudoLabelStore):
         """As ``PseudoLabelStore.scatter``, in value space (decode, update, re-encode); masked-out
         entries keep their exact bytes."""
         where = f"{self.path}: scatter"
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
-        ids_np = _ids_numpy(ids, self.num_samples, where)
-        shape = (ids_np.size, self.num_labels)
-        values = _rows_numpy(yhat, shape, "yhat", where)
-        if not ((values >= 0.0) & (values <= 1.0)).all():
-            raise ValueError(f"{where}: yhat must be probabilities in [0, 1] (sigmoid outputs)")
-        mask_np = None
-        if mask is not None:
-            mask_np = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
-            if mask_np.shape != shape or mask_np.dtype != np.bool_:
-                raise ValueError(f"{where}: mask must be bool of shape {shape}, got {mask_np.dtype} {mask_np.shape}")
+        ids_np, values, mask_np = _scatter_inputs(ids, yhat, mask, momentum, self.num_samples, self.num_labels, where)
         if ids_np.size == 0:
             return
         uniq, rows = _last_occurrence(ids_np)
