@@ -279,13 +279,9 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tiny_demo, ref
     _assert_same_result(run_dir, tiny_demo, reference)
 
 
-def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path, group: bool = False) -> int:
-    """Start a run, SIGTERM it (or its whole process group) once two steps are logged; check it
-    exited 143 within the bound with a checkpoint at the step it was in (mid first epoch).
-    Returns that step."""
-    from pml_scale.preemption import EXIT_PREEMPTED
-
-    proc = _start_train(cfg, log, session=group)
+def _sigterm_after_two_steps(proc: subprocess.Popen, run_dir: Path, group: bool = False) -> None:
+    """SIGTERM ``proc`` (or its process group) once two training steps are logged, and wait for
+    it within the exit bound; a process still alive after that is killed."""
     try:
         _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
         if group:
@@ -296,6 +292,16 @@ def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path, group: bool = False)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _preempt_mid_epoch(cfg: Path, run_dir: Path, log: Path, group: bool = False) -> int:
+    """Start a run, SIGTERM it (or its whole process group) once two steps are logged; check it
+    exited 143 within the bound with a checkpoint at the step it was in (mid first epoch).
+    Returns that step."""
+    from pml_scale.preemption import EXIT_PREEMPTED
+
+    proc = _start_train(cfg, log, session=group)
+    _sigterm_after_two_steps(proc, run_dir, group)
     text = log.read_text()
     assert proc.returncode == EXIT_PREEMPTED, text[-3000:]
     steps = _train_steps(run_dir)
@@ -315,13 +321,7 @@ def test_preemption_past_the_grace_period_exits_without_a_checkpoint(tiny_demo, 
     cfg = _run_config(tmp_path / "c.yaml", tiny_demo, tmp_path / "runs", preempt_grace_s=0.001)
     run_dir = tmp_path / "runs" / "t"
     proc = _start_train(cfg, tmp_path / "log")
-    try:
-        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=EXIT_BOUND_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _sigterm_after_two_steps(proc, run_dir)
     log = (tmp_path / "log").read_text()
     assert proc.returncode == EXIT_GRACE_EXCEEDED, log[-3000:]
     assert "no checkpoint within run.preempt_grace_s=0.001 s" in log, log[-3000:]
@@ -552,13 +552,7 @@ def test_sigterm_to_two_ranks_stops_both_at_the_same_step(tiny_demo, reference2,
     run_dir = tmp_path / "runs" / "t"
     with open(tmp_path / "log", "w") as f:
         proc = subprocess.Popen(_torchrun(cfg), cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
-    try:
-        _wait_until(lambda: len(_train_steps(run_dir)) >= 2, 300, "two training steps", proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=EXIT_BOUND_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _sigterm_after_two_steps(proc, run_dir)
     log = (tmp_path / "log").read_text()
     steps = _train_steps(run_dir)
     assert steps[-1] < 6, "the signal landed after the first epoch: not mid-epoch"
