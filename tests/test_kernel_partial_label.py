@@ -359,21 +359,10 @@ def test_matches_library_torch_loss_if_present():
     assert torch.equal(k_yhat, yhat)
 
 
-# --------------------------------------------------------------------------- α/β readings, ours+ weights
-@pytest.mark.parametrize("reading", ["slots", "observed", "seen", "none"])
-@pytest.mark.parametrize("pseudo_weights", ["alpha_beta", "balanced", "capped"])
-def test_triton_backend_matches_reference_for_every_reading(reading, pseudo_weights):
-    """The loss's triton backend (the fused kernel, interpreted here) equals the PyTorch reference
-    for every α/β reading and every pseudo-term weighting: loss, gradient, ŷ."""
+def assert_backends_agree(logits, states, pseudo, ids, **kw):
+    """The library loss on backend "triton" equals backend "torch": loss, gradient, ŷ, α and β."""
     from pml_scale.losses import partial_label_loss_with_stats
 
-    g = torch.Generator().manual_seed(11)
-    B, L = 9, 77
-    logits = torch.randn(B, L, generator=g) * 2.5
-    states = torch.randint(-1, 2, (B, L), generator=g).to(torch.int8)
-    pseudo = torch.rand(B, L, generator=g)
-    ids = torch.randperm(500, generator=g)[:B]
-    kw = dict(epoch=2, total_epochs=7, seed=3, q=0.6, alpha_beta=reading, pseudo_weights=pseudo_weights)
     out = {}
     for backend in ("torch", "triton"):
         x = logits.clone().requires_grad_(True)
@@ -384,6 +373,22 @@ def test_triton_backend_matches_reference_for_every_reading(reading, pseudo_weig
     assert l1 == pytest.approx(l0, rel=2e-5) and (a1, b1) == pytest.approx((a0, b0))
     assert torch.allclose(g1, g0, rtol=2e-4, atol=1e-7)
     assert torch.allclose(y1, y0, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- α/β readings, ours+ weights
+@pytest.mark.parametrize("reading", ["slots", "observed", "seen", "none"])
+@pytest.mark.parametrize("pseudo_weights", ["alpha_beta", "balanced", "capped"])
+def test_triton_backend_matches_reference_for_every_reading(reading, pseudo_weights):
+    """The loss's triton backend (the fused kernel, interpreted here) equals the PyTorch reference
+    for every α/β reading and every pseudo-term weighting: loss, gradient, ŷ."""
+    g = torch.Generator().manual_seed(11)
+    B, L = 9, 77
+    logits = torch.randn(B, L, generator=g) * 2.5
+    states = torch.randint(-1, 2, (B, L), generator=g).to(torch.int8)
+    pseudo = torch.rand(B, L, generator=g)
+    ids = torch.randperm(500, generator=g)[:B]
+    kw = dict(epoch=2, total_epochs=7, seed=3, q=0.6, alpha_beta=reading, pseudo_weights=pseudo_weights)
+    assert_backends_agree(logits, states, pseudo, ids, **kw)
 
 
 def test_balanced_weights_and_coef_tensor_in_the_kernel():
@@ -578,18 +583,7 @@ def test_default_negatives_are_the_plain_kernel_bit_for_bit():
 def test_triton_backend_with_neg_options_matches_torch_backend(neg_gamma, neg_margin):
     """The library's triton backend takes the options (it raised NotImplementedError before) and
     equals its torch backend, as the plain options do (tolerances of that test)."""
-    from pml_scale.losses import partial_label_loss_with_stats
-
     logits, states, pseudo, ids = neg_inputs(9, 77, gen_seed=11)
     kw = dict(epoch=2, total_epochs=7, seed=3, q=0.6, alpha_beta="seen", pseudo_weights="capped",
               neg_gamma=neg_gamma, neg_margin=neg_margin)
-    out = {}
-    for backend in ("torch", "triton"):
-        x = logits.clone().requires_grad_(True)
-        loss, stats, yhat = partial_label_loss_with_stats(x, states, pseudo, ids, backend=backend, **kw)
-        loss.backward()
-        out[backend] = (loss.item(), x.grad, yhat.float(), stats["alpha"], stats["beta"])
-    (l0, g0, y0, a0, b0), (l1, g1, y1, a1, b1) = out["torch"], out["triton"]
-    assert l1 == pytest.approx(l0, rel=2e-5) and (a1, b1) == pytest.approx((a0, b0))
-    assert torch.allclose(g1, g0, rtol=2e-4, atol=1e-7)
-    assert torch.allclose(y1, y0, atol=1e-3)
+    assert_backends_agree(logits, states, pseudo, ids, **kw)
