@@ -28,12 +28,12 @@ FAKE_TRAIN = textwrap.dedent('''
     kv = dict(a.split("=", 1) for a in args[2:])
     name, out = kv["run.name"], kv["run.out_dir"]
     here = os.path.dirname(os.path.abspath(__file__))
+    if os.environ.get("FAKE_IGNORE_SIGINT"):  # before "start" is logged: the test acts on that line
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     t0 = time.time()
     with open(os.path.join(here, "calls.log"), "a") as f:
         f.write(f"start {name} {t0:.3f} {os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
-    if os.environ.get("FAKE_IGNORE_SIGINT"):
-        import signal
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     run = os.path.join(out, name)
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "config.yaml"), "w") as f:
