@@ -85,7 +85,7 @@ def one(L: int, a) -> dict:
     from pml_scale.labels import ObservedLabels
     from pml_scale.losses import LossInputs, build_loss
     from pml_scale.stores import VersionedPseudoStore, sparse_copy
-    from pml_scale.train import alpha_beta_host_counts
+    from pml_scale.losses.paper import paper_host_counts
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     n, B, W = a.rows, a.batch, 2
@@ -126,7 +126,7 @@ def one(L: int, a) -> dict:
             g = time.perf_counter() - t
             logits = torch.randn(B, L, requires_grad=True)
             t = time.perf_counter()
-            counts = alpha_beta_host_counts(loss_fn, host.states.numpy(), host.pseudo, host.ids_host, epoch=0)
+            counts = paper_host_counts(loss_fn, host.states.numpy(), host.pseudo, host.ids_host, epoch=0)
             res = loss_fn(LossInputs(logits=logits, states=host.states, sample_ids=host.ids, epoch=0,
                                      total_epochs=5, pseudo=host.pseudo, batch_counts=counts))
             res.loss.backward()

@@ -36,7 +36,7 @@ def bare_rate(cfg, classes: int, *, steps: int, warmup: int = 3) -> float:
     from pml_scale.config import deepspeed_config
     from pml_scale.distributed import disable_deepspeed_cpu_shm_op, setup_distributed
     from pml_scale.model import build_model
-    from pml_scale.train import DTYPES, engine_config, finish_engine
+    from pml_scale.engine import DTYPES, engine_config, finish_engine
 
     info = setup_distributed()
     disable_deepspeed_cpu_shm_op()
@@ -112,7 +112,7 @@ def label_traffic_bench(rows: int, labels: int, batch: int, world: int, steps: i
     from pml_scale.data.label_traffic import BatchLabels, LabelTraffic
     from pml_scale.labels import ObservedLabels
     from pml_scale.stores import PseudoLabelStore
-    from pml_scale.train import batch_label_counts
+    from pml_scale.losses import build_training_loss
 
     class Rows:  # what LabelTraffic reads of a batch
         def __init__(self, ids):
@@ -139,7 +139,7 @@ def label_traffic_bench(rows: int, labels: int, batch: int, world: int, steps: i
             store.scatter(glob[s], yhat, mask=observed.gather(glob[s]) == -1)
         inline = (time.perf_counter() - t0) / steps
         traffic = LabelTraffic(observed=observed, pseudo_store=store, role_store=None, device=torch.device("cpu"),
-                               counts_fn=batch_label_counts, global_counts=False, group=None, world_size=1, rank=0,
+                               counts_fn=build_training_loss("paper", {}, seed=0).host_counts, global_counts=False, group=None, world_size=1, rank=0,
                                writer=True, per_node=False, momentum=0.0)
         main_thread = 0.0
         t = time.perf_counter()

@@ -1,13 +1,20 @@
-"""Distributed evaluation: every rank scores its slice of the test split, rank 0 gathers the rows
-by sample id and computes mAP (full, or masked on a partially labelled test set)."""
+"""Distributed evaluation: every rank scores its slice of the split, rank 0 gathers the rows by
+sample id and computes mAP (full, or masked on a partially labelled test set); per epoch on the
+validation split (or test when none is carved, keeping best.pt), and the test split once at the
+end when a validation split made the choices."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .distributed import all_gather_rows
+from .atomic import atomic_path, atomic_write_json
+from .distributed import all_gather_rows, broadcast_object
+from .engine import DTYPES, prepare_images
 from .metrics import mean_average_precision
+from .run_data import make_loader
 
 
 @torch.no_grad()
@@ -57,3 +64,64 @@ def score(scores: np.ndarray, ids: np.ndarray, test_labels, *, partial: bool | N
         if partial is None:
             partial = bool((states < 0).any())
     return mean_average_precision(scores, states, partial=partial), len(ids)
+
+
+def evaluate_epoch(trainer, epoch: int) -> float:
+    """Score the evaluation split (validation if carved, else test; every rank predicts its share,
+    rank 0 scores) and keep best.pt; returns the mAP, with best_map/best_epoch in ``trainer.state`` the
+    same on every rank."""
+    state, dist_info, run_dir = trainer.state, trainer.dist_info, trainer.run_dir
+    m_ap, per_class, n = score_split(trainer, trainer.data.eval_loader, trainer.data.eval_labels)
+    result = None
+    if dist_info.is_main:
+        trainer.tracker.log("eval", state["global_step"], epoch=epoch, map=float(m_ap), split=trainer.data.eval_name,
+                      num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
+        print(f"[pml-scale] epoch {epoch + 1}: mAP {100 * m_ap:.2f} on {n} {trainer.data.eval_name} images", flush=True)
+        if trainer.cfg.eval.save_per_class:
+            save_per_class(trainer, run_dir / "per_class_ap.json", epoch, per_class)
+        if m_ap > state["best_map"]:
+            state["best_map"], state["best_epoch"] = float(m_ap), epoch
+            with atomic_path(run_dir / "best.pt") as tmp:
+                torch.save(trainer.engine.module.state_dict(), tmp)
+        result = float(m_ap)
+    result = broadcast_object(result)
+    state.update(broadcast_object({"best_map": state["best_map"], "best_epoch": state["best_epoch"]}))
+    return result
+
+
+def test_once(trainer) -> float | None:
+    """With a validation split: the test split scored once, after the last epoch (eval.test)."""
+    if trainer.data.eval_name != "val" or not trainer.cfg.eval.test:
+        return None
+    loader = make_loader(trainer.cfg, trainer.cfg.data.test_split, train=False, dist_info=trainer.dist_info,
+                         batch_size=trainer.cfg.data.eval_batch_size, features=trainer.data.features)
+    try:
+        m_ap, per_class, n = score_split(trainer, loader, trainer.data.test_labels)
+    finally:
+        loader.close()
+    if trainer.dist_info.is_main:
+        print(f"[pml-scale] test (read once): mAP {100 * m_ap:.2f} on {n} test images", flush=True)
+        if trainer.cfg.eval.save_per_class:
+            save_per_class(trainer, trainer.run_dir / "per_class_ap_test.json", trainer.cfg.run.epochs - 1, per_class)
+    return broadcast_object(float(m_ap) if m_ap is not None else None)
+
+
+def score_split(trainer, loader, labels):
+    """(mAP, per-class AP, images) of the current model on ``loader``'s split (on rank 0; None
+    elsewhere): every rank predicts its share, rank 0 scores against ``labels`` (rows by id)."""
+    cfg = trainer.cfg
+    bar = trainer.tracker.progress(loader.batches_per_epoch, "eval")
+    scores, ids = predict(trainer.engine, loader, epoch=0, num_labels=trainer.data.num_labels, progress=bar,
+                          prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
+    bar.close()
+    if not trainer.dist_info.is_main:
+        return None, None, None
+    (m_ap, per_class), n = score(scores, ids, labels, partial=cfg.eval.partial)
+    return m_ap, per_class, n
+
+
+def save_per_class(trainer, path: Path, epoch: int, per_class: np.ndarray) -> None:
+    """Per-class AP beside the training-set frequency of each class (for the long-tail plots)."""
+    freq = trainer.data.full_train.positives_per_class()  # dense: block by block; CSR: from the listed entries
+    atomic_write_json(path, {"epoch": epoch, "ap": [None if not np.isfinite(a) else float(a) for a in per_class],
+                             "class_freq": freq.tolist(), "classes": trainer.data.manifest["classes"]})

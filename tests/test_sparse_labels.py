@@ -101,7 +101,7 @@ def test_masks_from_csr_equal_the_dense_draw(oi_pair, setting, tmp_path):
 
 
 def test_evaluation_and_expected_positives_match_dense(oi_pair):
-    from pml_scale.train import expected_positives
+    from pml_scale.run_data import expected_positives
 
     (c_dir, _), (d_dir, _) = oi_pair["csr"], oi_pair["dense"]
     csr, dense = open_labels(c_dir, "test"), np.load(d_dir / "test-labels.npy")

@@ -17,7 +17,16 @@ from pml_scale.losses.partial import (
     validate_batch,
 )
 from pml_scale.losses.picks import pick_mask
-from pml_scale.losses.registry import LOSSES, LossInputs, LossOutput, build_loss, loss_names, loss_options
+from pml_scale.losses.registry import (
+    LOSSES,
+    LossInputs,
+    LossOutput,
+    build_loss,
+    build_training_loss,
+    loss_names,
+    loss_options,
+)
+from pml_scale.losses.training import TrainingLoss
 
 __all__ = [
     "ALPHA_BETA_READINGS",
@@ -28,6 +37,8 @@ __all__ = [
     "LossOutput",
     "alpha_beta",
     "build_loss",
+    "build_training_loss",
+    "TrainingLoss",
     "d_coefficient",
     "loss_names",
     "loss_options",
