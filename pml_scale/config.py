@@ -142,7 +142,8 @@ class ModelConfig(_Section):
     name: str = "resnet50"
     pretrained: Optional[str] = None  # local path only: nothing is downloaded at run time
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile, inductor); see compile_mode
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     # bf16/fp16 recipe: "autocast" = torch.autocast in DeepSpeed's forward, fp32 master weights,
     # channels_last weights; "deepspeed" = DeepSpeed's bf16/fp16 mode (bf16 weights, NCHW)

@@ -32,7 +32,8 @@ def build_engine(cfg, dist_info, data):
                         head_dropout=cfg.model.head_dropout)
     if cfg.model.frozen_stages or data.features is not None:
         if not hasattr(model, "freeze"):
-            raise ValueError(f"model.frozen_stages needs a model with units (efficientnet_lite0), not {cfg.model.name!r}")
+            raise ValueError(f"model.frozen_stages needs a model with units (efficientnet_lite0), "
+                             f"not {cfg.model.name!r}")
         model.freeze(cfg.model.frozen_stages, from_features=data.features is not None)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])  # frozen units: none
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, data.steps_per_epoch))
@@ -75,7 +76,20 @@ def finish_engine(engine, cfg) -> None:
             if buf.is_floating_point():
                 buf.data = buf.data.to(DTYPES[cfg.model.dtype])
     if cfg.model.compile:
-        engine.compile()
+        compile_model(engine, cfg.model.compile_mode)
+
+
+def compile_model(engine, mode: str) -> None:
+    """``torch.compile`` of the module in place (DeepSpeed's ``engine.compile``: nn.Module.compile,
+    so state_dict keys, checkpoints and resume are those of the eager model), with inductor on
+    GPUs and on CPU (its C++ backend). The first steps of each input shape and train/eval mode
+    pay the compile time; ``reduce-overhead`` adds CUDA graphs (every step's inputs must then have
+    the same shapes: the loaders pad batches to full size)."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    engine.compile(compile_kwargs=kwargs)
+    if engine.global_rank == 0:
+        print(f"[pml-scale] model compiled (torch.compile, mode {mode}); the first steps of each shape compile it",
+              flush=True)
 
 
 def lr_lambda(cfg, steps_per_epoch: int):

@@ -13,7 +13,7 @@ import torch
 from .atomic import atomic_path, atomic_write_json
 from .distributed import all_gather_rows, broadcast_object
 from .engine import DTYPES, prepare_images
-from .metrics import mean_average_precision
+from .metrics import listed_average_precision, mean_average_precision
 from .run_data import make_loader
 
 
@@ -66,6 +66,55 @@ def score(scores: np.ndarray, ids: np.ndarray, test_labels, *, partial: bool | N
     return mean_average_precision(scores, states, partial=partial), len(ids)
 
 
+def listed_entries_suffice(labels, partial: bool | None) -> bool:
+    """Masked mAP reads only the observed entries, so a CSR split whose unlisted entries are missing
+    (native partial labels, Open Images) is scored from the scores at its listed entries alone."""
+    from .labels import MISSING, ObservedLabels
+
+    return (isinstance(labels, ObservedLabels) and labels.form == "csr" and labels.fill == MISSING
+            and partial is not False)
+
+
+@torch.no_grad()
+def predict_listed(engine, loader, labels, *, epoch: int, prepare=lambda images: images, progress=None):
+    """(rows, ids, classes, scores, states): the ids of the valid rows every rank saw, and the
+    sample id, class, score and state of each of their observed entries, gathered to every rank.
+    Per batch only the scores at the rows' listed entries are kept (picked on the device by a
+    host-built index): memory grows with the observed entries, never with rows × L, so a 10k-label
+    test set of any size fits."""
+    import torch.distributed as dist
+
+    engine.eval()
+    loader.set_epoch(epoch)
+    keep, host = [], []
+    for batch in loader:
+        logits = engine(prepare(batch.images))
+        states = labels.gather(batch.ids_host)  # (B, L) int8 on the host: one batch, no more
+        states[~batch.valid_host] = -1
+        r, c = np.nonzero(states != -1)
+        flat = torch.from_numpy(r * logits.shape[1] + c).to(logits.device, non_blocking=True)
+        keep.append(torch.sigmoid(logits.float()).flatten().index_select(0, flat))
+        host.append((batch.ids_host[r], c.astype(np.int32), states[r, c], batch.ids_host[batch.valid_host]))
+        if progress is not None:
+            progress.update(1)
+    engine.train()
+    scores = torch.cat(keep).cpu().numpy() if keep else np.zeros(0, np.float32)
+    mine = tuple(np.concatenate([h[k] for h in host]) if host else np.zeros(0) for k in range(4)) + (scores,)
+    parts = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    ids, classes, states, rows, scores = (np.concatenate([p[k] for p in parts]) for k in range(5))
+    return rows, ids, classes, scores, states
+
+
+def score_listed(rows, ids, classes, scores, states, num_labels: int):
+    """((mAP, per-class AP), images) from ``predict_listed``'s entries (each (id, class) once)."""
+    _, first = np.unique(ids.astype(np.int64) * num_labels + classes, return_index=True)
+    n = int(np.unique(rows).size)
+    return listed_average_precision(classes[first], scores[first], states[first], num_labels, num_samples=n), n
+
+
 def evaluate_epoch(trainer, epoch: int) -> float:
     """Score the evaluation split (validation if carved, else test; every rank predicts its share,
     rank 0 scores) and keep best.pt; returns the mAP, with best_map/best_epoch in ``trainer.state`` the
@@ -75,7 +124,7 @@ def evaluate_epoch(trainer, epoch: int) -> float:
     result = None
     if dist_info.is_main:
         trainer.tracker.log("eval", state["global_step"], epoch=epoch, map=float(m_ap), split=trainer.data.eval_name,
-                      num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
+                            num_classes_scored=int(np.isfinite(per_class).sum()), num_images=n)
         print(f"[pml-scale] epoch {epoch + 1}: mAP {100 * m_ap:.2f} on {n} {trainer.data.eval_name} images", flush=True)
         if trainer.cfg.eval.save_per_class:
             save_per_class(trainer, run_dir / "per_class_ap.json", epoch, per_class)
@@ -111,8 +160,16 @@ def score_split(trainer, loader, labels):
     elsewhere): every rank predicts its share, rank 0 scores against ``labels`` (rows by id)."""
     cfg = trainer.cfg
     bar = trainer.tracker.progress(loader.batches_per_epoch, "eval")
+    prepare = lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last)  # noqa: E731
+    if listed_entries_suffice(labels, cfg.eval.partial):
+        entries = predict_listed(trainer.engine, loader, labels, epoch=0, progress=bar, prepare=prepare)
+        bar.close()
+        if not trainer.dist_info.is_main:
+            return None, None, None
+        (m_ap, per_class), n = score_listed(*entries, num_labels=trainer.data.num_labels)
+        return m_ap, per_class, n
     scores, ids = predict(trainer.engine, loader, epoch=0, num_labels=trainer.data.num_labels, progress=bar,
-                          prepare=lambda x: prepare_images(x, DTYPES[cfg.model.dtype], cfg.model.channels_last))
+                          prepare=prepare)
     bar.close()
     if not trainer.dist_info.is_main:
         return None, None, None

@@ -137,3 +137,50 @@ def class_frequencies(states, *, chunk_rows: int = 65536) -> np.ndarray:
         block = states[a:a + chunk_rows] == 1
         out += (block.sum(0).cpu().numpy() if isinstance(block, torch.Tensor) else block.sum(0))
     return out
+
+
+def listed_average_precision(classes: np.ndarray, scores: np.ndarray, states: np.ndarray, num_labels: int,
+                             *, num_samples: int | None = None) -> tuple[float, np.ndarray]:
+    """Masked (partial-label) mAP from the observed entries only, given as parallel arrays
+    (class index, score, state 0/1) — what ``mean_average_precision(..., partial=True)`` computes
+    from (N, L) arrays, since missing entries carry no weight. Memory grows with the observed
+    entries, not N × L (Open Images' test set: ~5 per image instead of 9,605).
+
+    Vectorised: entries sorted by (class, score descending); tp/fp counted per class segment; each
+    entry carried to the end of its tie group (equal class and score), as sklearn's thresholds do.
+    """
+    c = np.asarray(classes, np.int64)
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(states)
+    if not (c.shape == s.shape == y.shape) or c.ndim != 1:
+        raise ValueError(f"classes, scores, states must be 1-D of one length, got {c.shape}, {s.shape}, {y.shape}")
+    if c.size and (c.min() < 0 or c.max() >= num_labels):
+        raise ValueError(f"class index out of range [0, {num_labels}): {int(c.min())}..{int(c.max())}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"scores[{int(np.flatnonzero(~np.isfinite(s))[0])}] is not finite; scores must be finite")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("states of listed entries must be 0 or 1 (missing entries are not listed)")
+    order = np.lexsort((-s, c))
+    c, s, pos = c[order], s[order], y[order] == 1
+    n = c.size
+    seg_start = np.r_[True, c[1:] != c[:-1]] if n else np.zeros(0, bool)
+    tp_all, fp_all = np.cumsum(pos), np.cumsum(~pos)
+    starts = np.flatnonzero(seg_start)
+    base_tp = np.repeat(np.r_[0, tp_all][starts], np.diff(np.r_[starts, n]))
+    base_fp = np.repeat(np.r_[0, fp_all][starts], np.diff(np.r_[starts, n]))
+    tp, fp = tp_all - base_tp, fp_all - base_fp
+    end = np.r_[(c[1:] != c[:-1]) | (s[1:] != s[:-1]), True] if n else np.zeros(0, bool)
+    nxt = np.where(end, np.arange(n), n)
+    group_end = np.minimum.accumulate(nxt[::-1])[::-1]
+    prec = tp[group_end] / np.maximum(tp[group_end] + fp[group_end], 1)
+    n_pos = np.bincount(c, weights=pos, minlength=num_labels)
+    n_neg = np.bincount(c, weights=~pos, minlength=num_labels)
+    sums = np.bincount(c, weights=np.where(pos, prec, 0.0), minlength=num_labels)
+    valid = (n_pos > 0) & (n_neg > 0)
+    if not valid.any():
+        raise ValueError(f"no class can be scored: none of the {num_labels} classes has an observed positive and "
+                         f"an observed negative among {num_samples if num_samples is not None else '?'} samples; "
+                         f"check the test labels")
+    ap = np.full(num_labels, np.nan)
+    ap[valid] = sums[valid] / n_pos[valid]
+    return float(np.nanmean(ap)), ap

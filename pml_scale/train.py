@@ -270,17 +270,17 @@ def end_epoch(trainer: Trainer, epoch: int) -> None:
 
 def finish(trainer: Trainer) -> dict:
     """The run's summary: written last (summary.json marks a finished run) and printed, by rank 0."""
-    cfg, state, dist_info = trainer.cfg, trainer.state, trainer.dist_info
+    cfg, state, dist_info, data = trainer.cfg, trainer.state, trainer.dist_info, trainer.data
     test_map = test_once(trainer)
     summary = {"final_map": state["last_map"], "best_map": state["best_map"], "best_epoch": state["best_epoch"],
-               "eval_split": trainer.data.eval_name, "test_map": test_map if trainer.data.eval_name == "val" else state["last_map"],
+               "eval_split": data.eval_name, "test_map": test_map if data.eval_name == "val" else state["last_map"],
                "epochs": cfg.run.epochs, "loss": cfg.loss.name, "setting": cfg.data.setting, "seed": cfg.run.seed,
                "dataset": Path(cfg.data.root).name,
                "world_size": dist_info.world_size, "skipped_samples": trainer.data.train_loader.skipped,
                "wall_s": time.time() - trainer.t_start}
     if dist_info.is_main:
         atomic_write_json(trainer.run_dir / "summary.json", summary)
-        print(f"[pml-scale] {cfg.run.name}: final {trainer.data.eval_name} mAP {100 * (summary['final_map'] or 0):.2f}  "
+        print(f"[pml-scale] {cfg.run.name}: final {data.eval_name} mAP {100 * (summary['final_map'] or 0):.2f}  "
               f"best {100 * summary['best_map']:.2f} (epoch {summary['best_epoch']})  "
               f"{summary['wall_s']:.0f} s", flush=True)
     return summary
