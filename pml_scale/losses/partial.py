@@ -58,6 +58,17 @@ def validate_batch(logits, states, *, pseudo=None, sample_ids=None, estimates=No
     Value checks read each tensor once and sync with the host (cheap next to a train step,
     but pass ``validate=False`` to the losses to skip them in a tuned hot loop).
     """
+    shape = _check_logits(logits)
+    _check_states(states, logits, shape)
+    if pseudo is not None:
+        _check_pseudo(pseudo, logits, shape)
+    if sample_ids is not None:
+        _check_sample_ids(sample_ids, logits, shape)
+    if estimates is not None:
+        _check_estimates(estimates, shape)
+
+
+def _check_logits(logits) -> tuple:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -74,6 +85,10 @@ def validate_batch(logits, states, *, pseudo=None, sample_ids=None, estimates=No
             f"logits contain {int(bad.sum())} NaN/inf value(s), first at [{i}, {j}] = "
             f"{float(logits[i, j])}; logits must be finite"
         )
+    return shape
+
+
+def _check_states(states, logits, shape: tuple) -> None:
     if not isinstance(states, torch.Tensor):
         raise TypeError(f"states must be a torch.Tensor, got {type(states).__name__}")
     if tuple(states.shape) != shape:
@@ -89,35 +104,41 @@ def validate_batch(logits, states, *, pseudo=None, sample_ids=None, estimates=No
             f"states must hold only -1 (missing), 0 (negative), 1 (positive); "
             f"found {int(states[i, j])} at [{i}, {j}] ({int(bad.sum())} bad entries)"
         )
-    if pseudo is not None:
-        if not isinstance(pseudo, torch.Tensor) or pseudo.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"pseudo must be a float tensor, got {getattr(pseudo, 'dtype', type(pseudo))}")
-        if tuple(pseudo.shape) != shape:
-            raise ValueError(f"pseudo must have the shape of logits {shape}, got {tuple(pseudo.shape)}")
-        if pseudo.device != logits.device:
-            raise ValueError(f"pseudo is on {pseudo.device} but logits on {logits.device}")
-        bad = ~((pseudo >= 0) & (pseudo <= 1))  # also catches NaN
-        if bool(bad.any()):
-            i, j = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"pseudo must lie in [0, 1]; found {float(pseudo[i, j])} at [{i}, {j}]")
-    if sample_ids is not None:
-        if not isinstance(sample_ids, torch.Tensor) or sample_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(
-                f"sample_ids must be an int64/int32 tensor, got {getattr(sample_ids, 'dtype', type(sample_ids))}"
-            )
-        if tuple(sample_ids.shape) != (shape[0],):
-            raise ValueError(f"sample_ids must have shape ({shape[0]},), got {tuple(sample_ids.shape)}")
-        if sample_ids.device != logits.device:
-            raise ValueError(f"sample_ids is on {sample_ids.device} but logits on {logits.device}")
-        if bool((sample_ids < 0).any()):
-            raise ValueError(f"sample_ids must be >= 0, found {int(sample_ids.min())}")
-    if estimates is not None:
-        if not isinstance(estimates, torch.Tensor) or estimates.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"estimates must be a float tensor, got {getattr(estimates, 'dtype', type(estimates))}")
-        if tuple(estimates.shape) != shape:
-            raise ValueError(f"estimates must have the shape of logits {shape}, got {tuple(estimates.shape)}")
-        if not bool(torch.isfinite(estimates.detach()).all()):
-            raise ValueError("estimates contain NaN/inf; estimates (label-estimator logits) must be finite")
+
+
+def _check_pseudo(pseudo, logits, shape: tuple) -> None:
+    if not isinstance(pseudo, torch.Tensor) or pseudo.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"pseudo must be a float tensor, got {getattr(pseudo, 'dtype', type(pseudo))}")
+    if tuple(pseudo.shape) != shape:
+        raise ValueError(f"pseudo must have the shape of logits {shape}, got {tuple(pseudo.shape)}")
+    if pseudo.device != logits.device:
+        raise ValueError(f"pseudo is on {pseudo.device} but logits on {logits.device}")
+    bad = ~((pseudo >= 0) & (pseudo <= 1))  # also catches NaN
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"pseudo must lie in [0, 1]; found {float(pseudo[i, j])} at [{i}, {j}]")
+
+
+def _check_sample_ids(sample_ids, logits, shape: tuple) -> None:
+    if not isinstance(sample_ids, torch.Tensor) or sample_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"sample_ids must be an int64/int32 tensor, got {getattr(sample_ids, 'dtype', type(sample_ids))}"
+        )
+    if tuple(sample_ids.shape) != (shape[0],):
+        raise ValueError(f"sample_ids must have shape ({shape[0]},), got {tuple(sample_ids.shape)}")
+    if sample_ids.device != logits.device:
+        raise ValueError(f"sample_ids is on {sample_ids.device} but logits on {logits.device}")
+    if bool((sample_ids < 0).any()):
+        raise ValueError(f"sample_ids must be >= 0, found {int(sample_ids.min())}")
+
+
+def _check_estimates(estimates, shape: tuple) -> None:
+    if not isinstance(estimates, torch.Tensor) or estimates.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"estimates must be a float tensor, got {getattr(estimates, 'dtype', type(estimates))}")
+    if tuple(estimates.shape) != shape:
+        raise ValueError(f"estimates must have the shape of logits {shape}, got {tuple(estimates.shape)}")
+    if not bool(torch.isfinite(estimates.detach()).all()):
+        raise ValueError("estimates contain NaN/inf; estimates (label-estimator logits) must be finite")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
