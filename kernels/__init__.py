@@ -4,8 +4,8 @@ A leaf package: it imports torch and triton only, never the rest of ``pml_scale`
 """
 
 from .ops import FusedPartialLabelLoss, fused_partial_label_loss
-from .partial_label import (Config, launch_key, partial_label_forward, pick_threshold, picked_pseudo_sums,
+from .partial_label import (LaunchConfig, launch_key, partial_label_forward, pick_threshold, picked_pseudo_sums,
                             tuned_configs)
 
-__all__ = ["Config", "FusedPartialLabelLoss", "fused_partial_label_loss", "launch_key", "partial_label_forward",
+__all__ = ["FusedPartialLabelLoss", "LaunchConfig", "fused_partial_label_loss", "launch_key", "partial_label_forward",
            "pick_threshold", "picked_pseudo_sums", "tuned_configs"]
