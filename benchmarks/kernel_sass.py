@@ -186,7 +186,7 @@ def launches_current(B, L, dtype, all_candidates=False, need_grad=True, neg_focu
     launch, dk = _kernel_modules()
     logits, states, pseudo, ids = fake_inputs(B, L, dtype)
     plan = launch.LaunchPlan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=False, p_rule="text",
-                    coef_ptr=False, block_l=None, neg_focus=neg_focus)
+                             coef_ptr=False, block_l=None, neg_focus=neg_focus)
     plan.flags["FAST"] = True
     cfgs = (launch.candidate_configs(B, L, window=plan.window) if all_candidates
             else [launch.heuristic_config(B, L, interpret=False, window=plan.window)])
@@ -301,8 +301,8 @@ def compile_check() -> int:
         a = (logits, states, pseudo, ids, torch.empty(2) if coef else out, grad if need_grad else yhat, yhat, out,
              pk if picks else yhat)
         for neg_focus in (False, True) if neg else (False,):
-            plan = launch.LaunchPlan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks, p_rule=p_rule,
-                            coef_ptr=coef, block_l=None, neg_focus=neg_focus)
+            plan = launch.LaunchPlan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks,
+                                     p_rule=p_rule, coef_ptr=coef, block_l=None, neg_focus=neg_focus)
             plan.flags["FAST"] = True
             plan.flags["PSEUDO_MODE"] = n % len(PSEUDO_WEIGHTS)  # the paper, balanced, capped in turn
             scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 1 if coef else 0) + (

@@ -1,7 +1,8 @@
 """Triton kernels, shipped as ``pml_scale.kernels`` (a PyPI package named ``kernels`` exists).
 
 A leaf package: it imports torch and triton only, never the rest of ``pml_scale`` at import time
-(``ops`` reaches for the torch reference of the loss only when a CPU call has no interpreter).
+(``torch_fallback`` reaches for the torch reference's pieces only when a CPU call of the custom op
+has no interpreter).
 """
 
 from .ops import FusedPartialLabelLoss, fused_partial_label_loss

@@ -56,7 +56,8 @@ def check_label_inputs(states: torch.Tensor, pseudo: torch.Tensor, sample_ids: t
     """``check_inputs`` without logits (``picked_pseudo_sums``); returns (B, L)."""
     _check_tensors(states=states, pseudo=pseudo, sample_ids=sample_ids)
     if states.dim() != 2 or states.dtype != torch.int8:
-        raise ValueError(f"states must be a 2-D int8 tensor (B, L), got shape {tuple(states.shape)} dtype {states.dtype}")
+        raise ValueError(f"states must be a 2-D int8 tensor (B, L), got shape {tuple(states.shape)} "
+                         f"dtype {states.dtype}")
     B, L = states.shape
     if B < 1 or L < 1:
         raise ValueError(f"states must have B >= 1 rows and L >= 1 labels, got shape {tuple(states.shape)}")

@@ -3,11 +3,15 @@
 Hash: the counter-based pick hash of ``pml_scale.losses.picks``, bit for bit, in uint32
 arithmetic, with fmix32's first xor-shift split into a per-row half (``_row_mix``) and a
 per-column half (``_col_mix``; xor and logical shifts commute). Loads: ``_tile`` reads one tile
-(flat offsets for contiguous inputs, aligned 16-element windows when rows are not 16-aligned,
-strides otherwise). Math: ``_row_coefs`` folds the row's divisions into four per-row weights,
+(see Addressing). Math: ``_row_coefs`` folds the row's divisions into four per-row weights,
 ``_elem`` costs one exp2, one lg2 and one reciprocal per element (MUFU forms on the GPU, exact
 under the interpreter), ``_neg_focus`` is the ours+ negative-side term. ``_finish_mean`` is the
 ticket reduction of the batch mean (the last program sums the rows in a fixed order).
+
+Addressing: contiguous inputs use flat offsets. When rows are not 16-aligned (L % 16 != 0) but
+the tensor ends on a 16-element boundary (B·L % 16 == 0), the 1-D kernels read aligned windows
+of whole vectors (``_tile``, WINDOW) so loads vectorise for any L. Strided inputs get a
+stride-addressed variant (correct, slower). Outputs are contiguous. Offsets are int64.
 
 The leading underscore marks device-only functions: callable from @triton.jit code, not from
 the host. The kernels themselves are in ``device_kernels``.

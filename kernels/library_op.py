@@ -10,9 +10,11 @@ no in-place scaling here, unlike ``ops.FusedPartialLabelLoss``: the compiler own
 
 Devices: CUDA launches the Triton kernel; CPU runs it under Triton's interpreter when
 TRITON_INTERPRET=1 is set, else ``torch_fallback`` (the same loss in plain torch).
+Annotations are real types, not strings (no ``from __future__ import annotations``): the
+schema is inferred from them.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 
@@ -26,8 +28,8 @@ OP_NAME = "pml_scale::partial_label_loss"
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def partial_label_loss_op(
     logits: torch.Tensor, states: torch.Tensor, pseudo: torch.Tensor, sample_ids: torch.Tensor,
-    coef: torch.Tensor | None, alpha: float | None, beta: float | None, d: float, q: float, seed: int, epoch: int,
-    p_threshold: float, p_rule: str, num_rows: float | None, pseudo_weights: str, neg_gamma: float,
+    coef: Optional[torch.Tensor], alpha: Optional[float], beta: Optional[float], d: float, q: float, seed: int,
+    epoch: int, p_threshold: float, p_rule: str, num_rows: Optional[float], pseudo_weights: str, neg_gamma: float,
     neg_margin: float, need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, yhat, grad) of one fused launch; see ``ops.fused_partial_label_loss`` for the arguments."""
@@ -73,12 +75,11 @@ partial_label_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def fused_partial_label_loss_op(logits, states, pseudo, sample_ids, *, alpha=None, beta=None, coef=None, d, q,
                                 seed, epoch, p_threshold=0.1, p_rule="text", num_rows=None,
                                 pseudo_weights="alpha_beta", neg_gamma=0.0, neg_margin=0.0):
-    """``ops.fused_partial_label_loss`` through the custom op: (loss, yhat, p), traceable."""
+    """``ops.fused_partial_label_loss`` through the custom op: (loss, yhat, p), traceable. The float
+    arguments are constants to torch.compile (each new value recompiles): pass α, β as ``coef``."""
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    out, yhat, _ = partial_label_loss_op(
-        logits, states, pseudo, sample_ids, coef, None if alpha is None else float(alpha),
-        None if beta is None else float(beta), float(d), float(q), int(seed), int(epoch), float(p_threshold),
-        p_rule, None if num_rows is None else float(num_rows), pseudo_weights, float(neg_gamma), float(neg_margin),
-        need_grad)
+    out, yhat, _ = partial_label_loss_op(logits, states, pseudo, sample_ids, coef, alpha, beta, d, q, seed, epoch,
+                                         p_threshold, p_rule, num_rows, pseudo_weights, neg_gamma, neg_margin,
+                                         need_grad)
     B = logits.shape[0]
     return out[2 * B], yhat, out[B:2 * B].detach()

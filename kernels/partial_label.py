@@ -8,9 +8,10 @@ batch divisor, kept for backward) and ŷ = σ(s) in fp16, and the batch mean of 
 Where things are: the Triton kernels in ``device_kernels`` (their helpers in ``device_math``),
 launch configs and heuristics in ``launch_config``, plans, tuning and launches in ``launch``
 (``direct_launch`` for the launcher shortcut), validation in ``checks``, every cache in
-``caches.CACHES``, the environment switches in ``switches``, autograd and the
-``torch.library`` op in ``ops``. The host-side key and threshold live in ``pick_hash`` (no triton
-import), shared with the PyTorch reference in ``pml_scale.losses.picks``.
+``caches.CACHES``, the environment switches in ``switches``, autograd in ``ops``, the
+``torch.library`` op in ``library_op`` (its CPU torch fallback in ``torch_fallback``). The
+host-side key and threshold live in ``pick_hash`` (no triton import), shared with the PyTorch
+reference in ``pml_scale.losses.picks``.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ def picked_pseudo_sums(states: torch.Tensor, pseudo: torch.Tensor, sample_ids: t
             kb, thr, contig, bb, w)
     key = None
     if dev.type == "cuda" and direct_launch_ok(states, pseudo, sample_ids, out, cnt, part):
-        key = ("picked_sums", dev.index, pseudo.dtype, sample_ids.dtype, grid) + tuple(int_spec(v) for v in args[6:14]) + (
-            contig, bb, w)
+        key = (("picked_sums", dev.index, pseudo.dtype, sample_ids.dtype, grid)
+               + tuple(int_spec(v) for v in args[6:14]) + (contig, bb, w))
     if dev.type == "cuda" and torch._C._cuda_getDevice() != dev.index:
         with torch.cuda.device(dev):
             run_kernel(_picked_sums_kernel, grid, args, 4, 1, key)

@@ -1,15 +1,19 @@
 """The environment switches of the kernel host code, each read where it takes effect.
 
-| switch | effect | default | read |
-|---|---|---|---|
-| ``PML_KERNEL_CONFIG`` | force one launch config (a ``LaunchConfig.label()``, e.g. ``split:bb1:w4096:nw8:ns1``); no tuning | unset: tuned on the GPU, heuristic elsewhere | when a plan is built |
-| ``PML_KERNEL_TUNE`` | ``0`` skips the GPU tuner and keeps the heuristic config | ``1`` | when a plan is built |
-| ``PML_KERNEL_TUNE_VERBOSE`` | print the error of each tuning candidate that fails to compile or run | unset | when a candidate fails |
-| ``PML_KERNEL_FAST_LAUNCH`` | ``1``: after the first launch, call Triton's compiled launcher directly (opt-in until checked on a GPU) | ``0`` | at import and by ``clear_caches()`` |
-| ``TRITON_INTERPRET`` | Triton's own: run kernels on CPU tensors (must be set before triton is imported) | unset | per call (CPU dispatch) |
+- ``PML_KERNEL_CONFIG``: force one launch config (a ``LaunchConfig.label()``, e.g.
+  ``split:bb1:w4096:nw8:ns1``), no tuning. Default unset: tuned on the GPU, heuristic elsewhere.
+  Read when a plan is built.
+- ``PML_KERNEL_TUNE``: ``0`` skips the GPU tuner and keeps the heuristic config. Default ``1``.
+  Read when a plan is built.
+- ``PML_KERNEL_TUNE_VERBOSE``: print the error of each tuning candidate that fails to compile or
+  run. Default unset. Read when a candidate fails.
+- ``PML_KERNEL_FAST_LAUNCH``: ``1`` calls Triton's compiled launcher directly after the first
+  launch (opt-in until checked on a GPU). Default ``0``. Read at import and by ``clear_caches()``.
+- ``TRITON_INTERPRET`` (Triton's own): run kernels on CPU tensors; must be set before triton is
+  imported. Read per CPU call (the custom op's dispatch) and when a plan is built.
 
-Plans are cached per shape, so a switch read "when a plan is built" takes effect for new shapes
-or after ``pml_scale.kernels.partial_label.clear_caches()``.
+Plans are cached per call signature, so a switch read "when a plan is built" takes effect for
+new shapes or after ``pml_scale.kernels.partial_label.clear_caches()``.
 """
 
 from __future__ import annotations
