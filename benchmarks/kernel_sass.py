@@ -15,6 +15,8 @@ MUFU and global-memory instructions per element.
     python benchmarks/kernel_sass.py --all-candidates --dtype fp32 --json sass.json
     python benchmarks/kernel_sass.py --neg-focus      # the ours+ negative-term variant (neg_gamma/neg_margin)
     python benchmarks/kernel_sass.py --compile-check  # every kernel variant compiles for sm_90
+    python benchmarks/kernel_sass.py --compile-check --fingerprint after.json  # hash of each variant's code:
+        # the same file before and after a host-side refactor = the same PTX and SASS (debug info aside)
 
 Run without TRITON_INTERPRET (it is cleared here). A static proxy, not a timing: it ignores
 latency, occupancy and memory bandwidth, but counts exactly what each element costs to issue.
@@ -23,6 +25,7 @@ latency, occupancy and memory bandwidth, but counts exactly what each element co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -118,7 +121,7 @@ def compile_sass(kernel, args, kwargs, dump: Path | None = None) -> dict:
         (dump / f"{kernel.fn.__name__}.cubin").write_bytes(ck.asm["cubin"])
         (dump / f"{kernel.fn.__name__}.ttgir").write_text(ck.asm["ttgir"])
     m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
-    return dict(sass=sass, regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
+    return dict(sass=sass, ptx=ck.asm["ptx"], regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
                 num_warps=opts.get("num_warps", 4))
 
 
@@ -255,7 +258,18 @@ def measure(label, calls, trips, n_elems, dump=None) -> dict:
                 mem_insn_per_elem=round(mem, 2), kernels=kernels)
 
 
-def compile_check() -> int:
+def code_fingerprint(ptx: str, sass: str) -> dict:
+    """Hashes of a kernel's code without its debug information: PTX without .loc/.file lines,
+    comments and .debug_* sections, SASS as its instruction text only (no addresses or line info),
+    so moving a function to another file or line changes nothing here."""
+    ptx = "\n".join(ln for ln in ptx.splitlines() if not ln.strip().startswith((".loc", ".file", "//", "$L__")))
+    ptx = re.sub(r"\.section\s+\.debug_\w+\s*\{.*?\n\s*\}", "", ptx, flags=re.S)
+    insns = "\n".join(m.group(2) for m in map(_INSN.match, sass.splitlines()) if m)
+    return dict(ptx=hashlib.sha256(ptx.encode()).hexdigest()[:16],
+                sass=hashlib.sha256(insns.encode()).hexdigest()[:16], sass_insns=insns.count("\n") + bool(insns))
+
+
+def compile_check(fingerprint_path: str | None = None) -> int:
     """Compile every kernel in a matrix of shapes, dtypes, layouts and flags for sm_90: catches
     errors the interpreter cannot (constexpr-specialised ints, inline PTX, layouts). No GPU."""
     launch, dk = _kernel_modules()
@@ -279,13 +293,14 @@ def compile_check() -> int:
         (2, 1, f32, f16, True, False, "text", False, "contig", LaunchConfig("split", 1, 16, 0, 1), True),
         (4096, 600, bf, f16, True, False, "text", False, "contig", None, True),         # row, 2-D (bb4)
     ]
-    ok, failed = 0, []
+    ok, failed, prints = 0, [], []
     kernels_seen = set()  # (kernel, NEG_FOCUS) pairs compiled: every loss kernel in both specialisations
 
     def try_compile(what, k, args, kw):
         nonlocal ok
         try:
-            compile_sass(k, args, kw)
+            c = compile_sass(k, args, kw)
+            prints.append(dict(what=what, kernel=k.fn.__name__, **code_fingerprint(c["ptx"], c["sass"])))
             ok += 1
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed.append(f"{what} {k.fn.__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else exc!r}")
@@ -331,6 +346,8 @@ def compile_check() -> int:
             if (name, neg_focus) not in kernels_seen:
                 failed.append(f"coverage: {name} with NEG_FOCUS={neg_focus} is in no case of the matrix")
     print(f"compiled {ok} kernel variants for sm_90; {len(failed)} failed")
+    if fingerprint_path:
+        Path(fingerprint_path).write_text(json.dumps(prints, indent=1) + "\n")
     for f in failed:
         print("  FAIL", f)
     return 1 if failed else 0
@@ -349,11 +366,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", metavar="DIR", help="write each kernel's SASS and PTX here")
     ap.add_argument("--compile-check", action="store_true",
                     help="only compile every kernel variant (shapes, dtypes, layouts, flags) for sm_90")
+    ap.add_argument("--fingerprint", metavar="PATH",
+                    help="with --compile-check: write each variant's PTX/SASS hashes (debug info stripped) here")
     ap.add_argument("--lines", type=int, default=0, metavar="N",
                     help="also print the N source lines costing the most SASS per element")
     args = ap.parse_args(argv)
     if args.compile_check:
-        return compile_check()
+        return compile_check(args.fingerprint)
     dtype = DTYPES[args.dtype]
     results = []
     print(f"triton {triton.__version__}, target sm_90; B={args.B}, logits {args.dtype}, pseudo fp16")
