@@ -15,6 +15,8 @@ MUFU and global-memory instructions per element.
     python benchmarks/kernel_sass.py --all-candidates --dtype fp32 --json sass.json
     python benchmarks/kernel_sass.py --neg-focus      # the ours+ negative-term variant (neg_gamma/neg_margin)
     python benchmarks/kernel_sass.py --compile-check  # every kernel variant compiles for sm_90
+    python benchmarks/kernel_sass.py --compile-check --fingerprint after.json  # hash of each variant's code:
+        # the same file before and after a host-side refactor = the same PTX and SASS (debug info aside)
 
 Run without TRITON_INTERPRET (it is cleared here). A static proxy, not a timing: it ignores
 latency, occupancy and memory bandwidth, but counts exactly what each element costs to issue.
@@ -23,6 +25,7 @@ latency, occupancy and memory bandwidth, but counts exactly what each element co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -118,7 +121,7 @@ def compile_sass(kernel, args, kwargs, dump: Path | None = None) -> dict:
         (dump / f"{kernel.fn.__name__}.cubin").write_bytes(ck.asm["cubin"])
         (dump / f"{kernel.fn.__name__}.ttgir").write_text(ck.asm["ttgir"])
     m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
-    return dict(sass=sass, regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
+    return dict(sass=sass, ptx=ck.asm["ptx"], regs=int(m.group(1)) if m else None, local=int(m.group(2)) if m else None,
                 num_warps=opts.get("num_warps", 4))
 
 
@@ -168,19 +171,28 @@ def fake_inputs(B, L, dtype):
             torch.empty((B, L), dtype=torch.float16), torch.empty((B,), dtype=torch.int64))
 
 
+def _kernel_modules():
+    """(launch module, device_kernels module) of this tree, with the device check relaxed: CPU
+    tensors stand in for CUDA ones (nothing is launched, every launch is captured)."""
+    sys.path.insert(0, str(REPO))
+    import pml_scale.kernels.checks as checks
+    import pml_scale.kernels.device_kernels as dk
+    import pml_scale.kernels.launch as launch
+
+    checks.check_device = lambda dev: None
+    return launch, dk
+
+
 def launches_current(B, L, dtype, all_candidates=False, need_grad=True, neg_focus=False):
     """[(label, calls, loop trips per call)] for this tree's configs; ``neg_focus``: the ours+
     specialisation (NEG_FOCUS, neg_gamma/neg_margin on) instead of the paper's."""
-    sys.path.insert(0, str(REPO))
-    import pml_scale.kernels.partial_label as pl
-
-    pl._check_device = lambda dev: None  # CPU tensors stand in for CUDA ones
+    launch, dk = _kernel_modules()
     logits, states, pseudo, ids = fake_inputs(B, L, dtype)
-    plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=False, p_rule="text",
-                    coef_ptr=False, block_l=None, neg_focus=neg_focus)
+    plan = launch.LaunchPlan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=False, p_rule="text",
+                             coef_ptr=False, block_l=None, neg_focus=neg_focus)
     plan.flags["FAST"] = True
-    cfgs = (pl.candidate_configs(B, L, window=plan.window) if all_candidates
-            else [pl.heuristic_config(B, L, interpret=False, window=plan.window)])
+    cfgs = (launch.candidate_configs(B, L, window=plan.window) if all_candidates
+            else [launch.heuristic_config(B, L, interpret=False, window=plan.window)])
     yhat = torch.empty((B, L), dtype=torch.float16)
     grad = torch.empty((B, L), dtype=dtype)
     out = torch.empty(2 * B + 1)
@@ -188,8 +200,8 @@ def launches_current(B, L, dtype, all_candidates=False, need_grad=True, neg_focu
     scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 0) + ((2.0, 0.05) if neg_focus else (0.0, 0.0))
     runs = []
     for cfg in cfgs:
-        with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
-            pl._launch(plan, cfg, a, scalars)
+        with Capture([dk._row_kernel, dk._row1_kernel, dk._split_stats_kernel, dk._split_fused_kernel]) as cap:
+            launch.launch(plan, cfg, a, scalars)
         label = cfg.label() + (":window" if plan.window and cfg.block_b == 1 else "") + (":neg" if neg_focus else "")
         runs.append((label, cap.calls, [1] * len(cap.calls)))
     return runs
@@ -246,13 +258,25 @@ def measure(label, calls, trips, n_elems, dump=None) -> dict:
                 mem_insn_per_elem=round(mem, 2), kernels=kernels)
 
 
-def compile_check() -> int:
+def code_fingerprint(ptx: str, sass: str) -> dict:
+    """Hashes of a kernel's code without its debug information: PTX without .loc/.file lines,
+    comments and .debug_* sections, SASS as its instruction text only (no addresses or line info),
+    so moving a function to another file or line changes nothing here."""
+    ptx = "\n".join(ln for ln in ptx.splitlines() if not ln.strip().startswith((".loc", ".file", "//", "$L__")))
+    ptx = re.sub(r"\.section\s+\.debug_\w+\s*\{.*?\n\s*\}", "", ptx, flags=re.S)
+    insns = "\n".join(m.group(2) for m in map(_INSN.match, sass.splitlines()) if m)
+    return dict(ptx=hashlib.sha256(ptx.encode()).hexdigest()[:16],
+                sass=hashlib.sha256(insns.encode()).hexdigest()[:16], sass_insns=insns.count("\n") + bool(insns))
+
+
+def compile_check(fingerprint_path: str | None = None) -> int:
     """Compile every kernel in a matrix of shapes, dtypes, layouts and flags for sm_90: catches
     errors the interpreter cannot (constexpr-specialised ints, inline PTX, layouts). No GPU."""
-    sys.path.insert(0, str(REPO))
-    import pml_scale.kernels.partial_label as pl
+    launch, dk = _kernel_modules()
+    from pml_scale.kernels.checks import PSEUDO_WEIGHTS
+    from pml_scale.kernels.launch_config import LaunchConfig
+    from pml_scale.kernels.partial_label import picked_pseudo_sums
 
-    pl._check_device = lambda dev: None
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
     # B, L, logits, pseudo, need_grad, picks, p_rule, coef, layout, config (None: all candidates), neg
     # (neg: also compile the ours+ NEG_FOCUS specialisation; every case compiles the paper's)
@@ -262,20 +286,21 @@ def compile_check() -> int:
         (256, 600, f32, f32, True, False, "text", True, "strided", None, True),          # row, 1-D, strided
         (64, 9605, bf, f16, True, True, "printed", True, "contig", None, False),        # row 1-D / split, window
         (63, 9605, f32, f16, False, False, "text", False, "contig", None, True),        # row 1-D / split, plain
-        (64, 9605, bf, f16, True, False, "text", True, "strided", pl.Config("split", 1, 2048, 0, 4), True),
+        (64, 9605, bf, f16, True, False, "text", True, "strided", LaunchConfig("split", 1, 2048, 0, 4), True),
         (8, 100_000, f32, bf, True, True, "printed", True, "contig", None, False),
         (8, 100_003, bf, f16, True, False, "text", False, "strided", None, True),
         (1, 1, bf, f16, True, False, "text", True, "contig", None, False),
-        (2, 1, f32, f16, True, False, "text", False, "contig", pl.Config("split", 1, 16, 0, 1), True),
+        (2, 1, f32, f16, True, False, "text", False, "contig", LaunchConfig("split", 1, 16, 0, 1), True),
         (4096, 600, bf, f16, True, False, "text", False, "contig", None, True),         # row, 2-D (bb4)
     ]
-    ok, failed = 0, []
+    ok, failed, prints = 0, [], []
     kernels_seen = set()  # (kernel, NEG_FOCUS) pairs compiled: every loss kernel in both specialisations
 
     def try_compile(what, k, args, kw):
         nonlocal ok
         try:
-            compile_sass(k, args, kw)
+            c = compile_sass(k, args, kw)
+            prints.append(dict(what=what, kernel=k.fn.__name__, **code_fingerprint(c["ptx"], c["sass"])))
             ok += 1
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed.append(f"{what} {k.fn.__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else exc!r}")
@@ -291,36 +316,38 @@ def compile_check() -> int:
         a = (logits, states, pseudo, ids, torch.empty(2) if coef else out, grad if need_grad else yhat, yhat, out,
              pk if picks else yhat)
         for neg_focus in (False, True) if neg else (False,):
-            plan = pl._Plan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks, p_rule=p_rule,
-                            coef_ptr=coef, block_l=None, neg_focus=neg_focus)
+            plan = launch.LaunchPlan(logits, states, pseudo, ids, need_grad=need_grad, return_picks=picks,
+                                     p_rule=p_rule, coef_ptr=coef, block_l=None, neg_focus=neg_focus)
             plan.flags["FAST"] = True
-            plan.flags["PSEUDO_MODE"] = n % len(pl.PSEUDO_WEIGHTS)  # the paper, balanced, capped in turn
+            plan.flags["PSEUDO_MODE"] = n % len(PSEUDO_WEIGHTS)  # the paper, balanced, capped in turn
             scalars = (0.9, 0.1, 1.0, 1.0 / B, 0.1, 12345, 1 << 23, 1 if coef else 0) + (
                 (2.0, 0.05) if neg_focus else (0.0, 0.0))
             seen = set()
-            for c in [cfg] if cfg else pl.candidate_configs(B, L, window=plan.window):
-                with Capture([pl._row_kernel, pl._row1_kernel, pl._split_stats_kernel, pl._split_fused_kernel]) as cap:
-                    pl._launch(plan, c, a, scalars)
+            for c in [cfg] if cfg else launch.candidate_configs(B, L, window=plan.window):
+                with Capture([dk._row_kernel, dk._row1_kernel, dk._split_stats_kernel, dk._split_fused_kernel]) as cap:
+                    launch.launch(plan, c, a, scalars)
                 for k, grid, args, kw in cap.calls:
-                    if neg_focus and k is pl._split_stats_kernel:
+                    if neg_focus and k is dk._split_stats_kernel:
                         continue  # has no NEG_FOCUS: compiled with the paper's variant above
                     try_compile(f"{B}x{L} {dt} {layout} {c.label()}{' neg' if neg_focus else ''}", k, args, kw)
                     seen.add(k.fn.__name__)
             kernels_seen.update((name, neg_focus) for name in seen)
     for B, L, pdt in ((40, 300, f16), (3, 9000, f32), (1, 1, bf)):
         st, ps = torch.empty((B, L), dtype=torch.int8), torch.empty((B, L), dtype=pdt)
-        with Capture([pl._picked_sums_kernel]) as cap:
-            pl.picked_pseudo_sums(st, ps, torch.empty(B, dtype=torch.int32), q=0.5, seed=1, epoch=0)
+        with Capture([dk._picked_sums_kernel]) as cap:
+            picked_pseudo_sums(st, ps, torch.empty(B, dtype=torch.int32), q=0.5, seed=1, epoch=0)
         for k, grid, args, kw in cap.calls:
             try_compile(f"picked {B}x{L}", k, args, kw)
     for n, dt in ((1, f32), (70_001, bf), (4096 * 600, f16)):
-        try_compile(f"scale {n} {dt}", pl._scale_kernel, (torch.empty(n, dtype=dt), torch.empty(()), n, 4096),
+        try_compile(f"scale {n} {dt}", dk._scale_kernel, (torch.empty(n, dtype=dt), torch.empty(()), n, 4096),
                     dict(num_warps=8, num_stages=1))
     for name in ("_row_kernel", "_row1_kernel", "_split_fused_kernel"):
         for neg_focus in (False, True):
             if (name, neg_focus) not in kernels_seen:
                 failed.append(f"coverage: {name} with NEG_FOCUS={neg_focus} is in no case of the matrix")
     print(f"compiled {ok} kernel variants for sm_90; {len(failed)} failed")
+    if fingerprint_path:
+        Path(fingerprint_path).write_text(json.dumps(prints, indent=1) + "\n")
     for f in failed:
         print("  FAIL", f)
     return 1 if failed else 0
@@ -339,11 +366,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", metavar="DIR", help="write each kernel's SASS and PTX here")
     ap.add_argument("--compile-check", action="store_true",
                     help="only compile every kernel variant (shapes, dtypes, layouts, flags) for sm_90")
+    ap.add_argument("--fingerprint", metavar="PATH",
+                    help="with --compile-check: write each variant's PTX/SASS hashes (debug info stripped) here")
     ap.add_argument("--lines", type=int, default=0, metavar="N",
                     help="also print the N source lines costing the most SASS per element")
     args = ap.parse_args(argv)
     if args.compile_check:
-        return compile_check()
+        return compile_check(args.fingerprint)
     dtype = DTYPES[args.dtype]
     results = []
     print(f"triton {triton.__version__}, target sm_90; B={args.B}, logits {args.dtype}, pseudo fp16")

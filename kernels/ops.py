@@ -13,12 +13,18 @@ are never modified afterwards. Higher-order gradients (create_graph=True) raise 
 (a second-order gradient through the constant saved gradient would silently be zero).
 Memory: the saved gradient and ŷ (B×L each) live until the graph is freed; backward allocates
 nothing in the first call.
+
+Inside ``torch.compile`` (Dynamo cannot trace this Function: the launcher reads data pointers),
+``fused_partial_label_loss`` calls the ``pml_scale::partial_label_loss`` custom op of
+``library_op`` instead: same outputs, no graph break; its backward multiplies instead of scaling
+in place.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .library_op import fused_partial_label_loss_op
 from .partial_label import forward, scale_
 
 
@@ -89,4 +95,6 @@ def fused_partial_label_loss(
     params = dict(alpha=alpha, beta=beta, coef=coef, d=d, q=q, seed=seed, epoch=epoch,
                   p_threshold=p_threshold, p_rule=p_rule, num_rows=num_rows, pseudo_weights=pseudo_weights,
                   neg_gamma=neg_gamma, neg_margin=neg_margin)
+    if torch.compiler.is_compiling():  # traced: the custom op (no graph break)
+        return fused_partial_label_loss_op(logits, states, pseudo, sample_ids, **params)
     return FusedPartialLabelLoss.apply(logits, states, pseudo, sample_ids, params, None)

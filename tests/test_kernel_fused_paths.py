@@ -15,10 +15,13 @@ import math
 import pytest
 import torch
 
+import pml_scale.kernels.launch_config as launch_config
 import pml_scale.kernels.ops as ops
 import pml_scale.kernels.partial_label as pl
-from pml_scale.kernels import (Config, FusedPartialLabelLoss, fused_partial_label_loss, partial_label_forward,
+from pml_scale.kernels import (FusedPartialLabelLoss, LaunchConfig, fused_partial_label_loss, partial_label_forward,
                                picked_pseudo_sums)
+from pml_scale.kernels.caches import CACHES
+from pml_scale.kernels.launch import get_plan
 from pml_scale.losses.picks import pick_mask
 from test_kernel_partial_label import (EPOCH, NEG_OPTIONS, SEED, WEIGHTINGS, assert_yhat, make_inputs, neg_inputs,
                                       ref_loss, ref_loss_lib, rel_err)
@@ -77,7 +80,7 @@ PATH_CASES = [
 def test_paths_match_reference(monkeypatch, B, L, cfg):
     forced(monkeypatch, cfg)
     logits, states, pseudo, ids = make_inputs(B, L, gen_seed=B * 7 + L)
-    plan = pl._get_plan(logits, states, pseudo, ids, True, False, "text", False, None)
+    plan = get_plan(logits, states, pseudo, ids, True, False, "text", False, None)
     assert plan.window == (L % 16 != 0 and (B * L) % 16 == 0)
     loss, grad, yhat, p = run_kernel(logits, states, pseudo, ids)
     r_loss, r_grad, r_p, r_ns = ref_loss(logits, states, pseudo, ids, **KW)
@@ -110,7 +113,7 @@ def test_neg_options_paths_match_reference(monkeypatch, B, L, cfg, neg_gamma, ne
     logits, states, pseudo, ids = neg_inputs(B, L, gen_seed=B * 7 + L, dtype=dtype, pseudo_dtype=torch.float16)
     loss, grad, yhat, p = run_kernel(logits, states, pseudo, ids, alpha=alpha, beta=beta,
                                      pseudo_weights=pseudo_weights, neg_gamma=neg_gamma, neg_margin=neg_margin)
-    plan = next(iter(pl._PLANS.values()))
+    plan = next(iter(CACHES.plans.values()))
     assert plan.flags["NEG_FOCUS"] and (plan.cfg.path == "split") == (L > 16384 or "split" in (cfg or ""))
     assert plan.window == (L % 16 != 0 and (B * L) % 16 == 0)
     r_loss, r_grad, r_p, _ = ref_loss_lib(logits, states, pseudo, ids, neg_gamma=neg_gamma, neg_margin=neg_margin,
@@ -404,7 +407,7 @@ def test_ticket_counters_reset_and_results_repeat(monkeypatch):
         forced(monkeypatch, cfg)
         logits, states, pseudo, ids = make_inputs(16, 600, gen_seed=4)
         a = partial_label_forward(logits, states, pseudo, ids, **KW)
-        for cnt, _ in pl._WORKSPACES.values():
+        for cnt, _ in CACHES.workspaces.values():
             assert torch.all(cnt == 0)
         b = partial_label_forward(logits, states, pseudo, ids, **KW)
         for u, v in zip(a, b):
@@ -414,12 +417,12 @@ def test_ticket_counters_reset_and_results_repeat(monkeypatch):
 
 
 def test_config_labels_roundtrip_and_errors(monkeypatch):
-    for c in (Config("row", 4, 512, 128, 8), Config("split", 1, 4096, 0, 8, 2)):
-        assert Config.parse(c.label()) == c
+    for c in (LaunchConfig("row", 4, 512, 128, 8), LaunchConfig("split", 1, 4096, 0, 8, 2)):
+        assert LaunchConfig.parse(c.label()) == c
     for bad in ("row:bb3:w512:nw4:ns1", "tile:bb1:w512:nw4:ns1", "row:bb1:w32768:nw4:ns1",
                 "split:bb2:w512:nw4:ns1", "row:bb1:w512+100:nw4:ns1", "nonsense"):
         with pytest.raises(ValueError, match="config"):
-            Config.parse(bad)
+            LaunchConfig.parse(bad)
     forced(monkeypatch, "row:bb1:w512:nw4:ns1")
     logits, states, pseudo, ids = make_inputs(2, 600)
     with pytest.raises(ValueError, match="fewer than"):
@@ -430,14 +433,14 @@ def test_heuristic_configs_cover_the_rows():
     for L in (1, 7, 16, 80, 600, 1000, 1025, 9605, 16384, 16385, 100_000):
         for window in (False, True):
             for interpret in (False, True):
-                cfg = pl.heuristic_config(4096, L, interpret=interpret, window=window)
-                pl._check_fits(cfg, L, window)
+                cfg = launch_config.heuristic_config(4096, L, interpret=interpret, window=window)
+                launch_config.check_fits(cfg, L, window)
                 if cfg.path == "row":
                     assert cfg.w1 + cfg.w2 < 2 * (L + 15 * window) + 16  # little waste
                 else:
-                    assert L > pl.ROW_MAX_LANES - 15 * window
-        for c in pl.candidate_configs(4096, L, window=L % 16 != 0):
-            pl._check_fits(c, L, L % 16 != 0)
+                    assert L > launch_config.ROW_MAX_LANES - 15 * window
+        for c in launch_config.candidate_configs(4096, L, window=L % 16 != 0):
+            launch_config.check_fits(c, L, L % 16 != 0)
 
 
 # ------------------------------------------------------------------ GPU (compiled kernels)
@@ -500,9 +503,9 @@ def test_gpu_direct_launch_equals_triton_launch(monkeypatch):
     outs = {}
     direct = {}
     for fast in (False, True):
-        monkeypatch.setattr(pl, "_FAST_LAUNCH", fast)
-        pl._COMPILED.clear()
-        before = pl._DIRECT_LAUNCHES[0]
+        monkeypatch.setenv("PML_KERNEL_FAST_LAUNCH", "1" if fast else "0")
+        pl.clear_caches()  # re-reads the switch, forgets compiled launchers
+        before = CACHES.direct_launches
         for B, L in ((4096, 600), (256, 9605), (8, 100_000)):
             logits, states, pseudo, ids = _cuda_inputs(B, L, torch.bfloat16)
             res = [run_kernel(logits, states, pseudo, ids) for _ in range(3)]  # first, then cached launches
@@ -511,7 +514,7 @@ def test_gpu_direct_launch_equals_triton_launch(monkeypatch):
             res.append(picked_pseudo_sums(states, pseudo, ids, q=0.5, seed=SEED, epoch=EPOCH))
             res.append(partial_label_forward(logits, states, pseudo, ids, coef=coef, **params))
             outs[(fast, B, L)] = res
-        direct[fast] = pl._DIRECT_LAUNCHES[0] - before
+        direct[fast] = CACHES.direct_launches - before
     # the direct path must really have been taken (it silently was not before the HookChain fix)
     assert direct[False] == 0 and direct[True] > 0, direct
     for B, L in ((4096, 600), (256, 9605), (8, 100_000)):
@@ -531,8 +534,8 @@ def test_gpu_tuned_configs_give_identical_gradients(monkeypatch):
     B, L = 512, 9605
     logits, states, pseudo, ids = _cuda_inputs(B, L, torch.bfloat16, gen_seed=1)
     outs = []
-    plan = pl._get_plan(logits, states, pseudo, ids, True, False, "text", False, None)
-    for cfg in pl.candidate_configs(B, L, window=plan.window):
+    plan = get_plan(logits, states, pseudo, ids, True, False, "text", False, None)
+    for cfg in launch_config.candidate_configs(B, L, window=plan.window):
         forced(monkeypatch, cfg.label())
         outs.append(run_kernel(logits, states, pseudo, ids))
     for loss, grad, yhat, p in outs[1:]:

@@ -555,6 +555,7 @@ def test_default_negatives_are_the_plain_kernel_bit_for_bit():
     """γ⁻ = m⁻ = 0, explicit (as floats, ints, -0.0) or omitted, launches the unchanged plain
     specialisation: identical loss, gradient, ŷ and p, in the kernel and through the library."""
     import pml_scale.kernels.partial_label as pl
+    from pml_scale.kernels.caches import CACHES
     from pml_scale.losses import partial_label_loss_with_stats
 
     logits, states, pseudo, ids = neg_inputs(9, 77, gen_seed=3)
@@ -567,7 +568,7 @@ def test_default_negatives_are_the_plain_kernel_bit_for_bit():
         outs.append((loss.detach(), x.grad, yhat, p))
     for out in outs[1:]:
         assert all(torch.equal(u, v) for u, v in zip(out, outs[0]))
-    flags = [plan.flags["NEG_FOCUS"] for plan in pl._PLANS.values()]
+    flags = [plan.flags["NEG_FOCUS"] for plan in CACHES.plans.values()]
     assert flags and not any(flags)
     lib = []
     for extra in (dict(), dict(neg_gamma=0.0, neg_margin=0.0)):
