@@ -14,7 +14,6 @@ stays bounded.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
 import json
 import math
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .atomic import atomic_path
 
 RESULT_COLUMNS = ("dataset", "setting", "method", "seed", "final_map", "best_map", "test_map", "eval_split",
                   "epochs", "wall_s", "status", "name")
@@ -231,22 +232,14 @@ def format_table(agg: dict, *, datasets: list[str], settings: list[str], methods
     return "\n".join(lines)
 
 
-def select(names: list[str], patterns: list[str] | None) -> list[str]:
-    """Names matching any glob pattern, in `names` order (all of them when patterns is None)."""
-    if patterns is None:
-        return list(names)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-
-
 # ------------------------------------------------------------------------------------- plots
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return path
 
 

@@ -42,19 +42,20 @@ import torch
 
 from . import checkpoint
 from .atomic import atomic_path, atomic_write_json
-from .config import deepspeed_config, load_config, parse_cli, save_resolved
-from .data.format import labels_path, open_labels, read_manifest
-from .data.drift import changed_shards, record_shards, shard_change_error
-from .data.label_traffic import LabelTraffic, debug_dump_dir
-from .data.loaders import LoaderConfig, build_loader
+from .config import load_config, parse_cli, save_resolved
+from .deepspeed_config import deepspeed_config
+from .data.shards.format import labels_path, open_labels, read_manifest
+from .data.shards.drift import changed_shards, record_shards, shard_change_error
+from .labels.traffic import LabelTraffic, debug_dump_dir
+from .data.input import LoaderConfig, build_loader
 from .distributed import barrier, broadcast_buffers, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
-from .data.shard import make_mask, observed_name
+from .data.shards.cli import make_mask, observed_name
 from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model
 from .preemption import EXIT_PREEMPTED, PreemptionGuard, Preempted
-from .stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore, pseudo_store_class
+from .labels.stores import PseudoLabelStore, RoleEstimates, VersionedPseudoStore, pseudo_store_class
 from .tracking import Tracker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,11 +71,11 @@ def ensure_dataset(cfg, dist_info) -> dict:
         if dist_info.is_local_main and not (root / "manifest.json").exists():
             print(f"[pml-scale] building the embedded demo dataset '{cfg.data.demo_dataset}' in {root} ...", flush=True)
             if cfg.data.demo_dataset == "photos":
-                from .data.demo_photos import build_photos
+                from .demo.photos import build_photos
 
                 build_photos(root, seed=0, progress=True)
             else:
-                from .data.demo import build_demo
+                from .demo.digits import build_demo
 
                 build_demo(root, dataset=cfg.data.demo_dataset, seed=0, progress=True)
         barrier()
@@ -148,7 +149,7 @@ def ensure_features(cfg, dist_info, num_labels: int) -> Path | None:
     The trunk is built under a fixed seed, so a random-init trunk is the same on every rank."""
     if not cfg.data.feature_cache:
         return None
-    from .data.features import ensure_cache
+    from .data.input.features import ensure_cache
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)

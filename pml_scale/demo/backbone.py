@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..imagenet import IMAGENET_MEAN, IMAGENET_STD
 from ..model import TinyResNet
-from .demo import COLOURS, DIGITS, NUM_DIGITS, _compose, writer_pools
+from .scenes import COLOURS, DIGITS, NUM_DIGITS, compose, writer_pools
 
 BACKBONE_FILE = "pretrained/tiny_resnet-digits.pth"
 RECIPE = {"task": "digit+colour, single upright digit", "model": "tiny_resnet", "n_images": 16000, "epochs": 6,
@@ -56,7 +56,7 @@ def single_digit_images(n: int, *, split: str, canvas: int, size: int, seed: int
     classes = rng.integers(0, NUM_DIGITS * len(COLOURS), size=n)
     scales = rng.choice([3.0, 2.4], size=n) * size / 64
     for i, (cls, scale) in enumerate(zip(classes, scales)):
-        images[i], _ = _compose(rng, data.images, pool, [int(cls)], canvas, DIGITS, digit_scale=float(scale))
+        images[i], _ = compose(rng, data.images, pool, [int(cls)], canvas, DIGITS, digit_scale=float(scale))
     digit, colour = np.divmod(classes, len(COLOURS))
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(digit),
             torch.from_numpy(colour))

@@ -134,9 +134,9 @@ def build_openimages_like(out, *, num_classes: int = 9605, n_train: int = 20000,
     """Generate the raw files in ``out/openimages-raw`` (kept: ``pml-shard convert openimages`` can
     be rerun on them) and convert them into ``out`` through ``parse_openimages`` + ``convert``, the
     path real Open Images takes. Rerunning on a finished folder is a no-op. Returns the manifest."""
-    from .convert import convert
-    from .format import MANIFEST
-    from .sources import parse_openimages
+    from ..data.shards.convert import convert
+    from ..data.shards.format import MANIFEST
+    from ..data.shards.sources import parse_openimages
 
     out = Path(out)
     if (out / MANIFEST).exists():

@@ -306,9 +306,9 @@ def build_photos(out, *, stamps=None, seed: int = 0, n_train: int = N_TRAIN, n_t
     """Build the ``photos`` shard folder ``out`` through the real ``coco`` converter (manifest
     written last). Deterministic in ``seed``; rerunning on a finished folder is a no-op."""
     from ..atomic import atomic_save_npy
-    from .convert import convert
-    from .format import read_manifest
-    from .sources import parse_coco
+    from ..data.shards.convert import convert
+    from ..data.shards.format import read_manifest
+    from ..data.shards.sources import parse_coco
 
     out = Path(out)
     if (out / "manifest.json").exists():

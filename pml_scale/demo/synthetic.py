@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_save_npy, atomic_write_json
-from . import format as fmt
+from ..data.shards import format as fmt
 
 SPLIT_CODES = {"train": 0, "test": 1}
 

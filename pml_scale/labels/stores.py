@@ -1,4 +1,4 @@
-"""Per-sample label state indexed by sample id: pseudo labels, ROLE estimates, observed labels.
+"""Per-sample label state indexed by sample id: pseudo labels and ROLE estimates.
 
 Why memory maps by id: a sample is trained by whichever rank its shard lands on, at a random
 position of an epoch; its pseudo label must still come from its previous visit. An N x L array
@@ -12,8 +12,6 @@ Sizes (what grows with N, L, ranks):
                      per-node subsets, or fewer labels, at that scale).
   RoleEstimates      N x L x 4 bytes, dense (its initial values are random), written once at
                      creation in 1024-row blocks.
-  allgather_updates  per step every rank receives world x B x (8 + L x wire bytes); every rank
-                     then writes every update into its own node-local store.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import WriteFailed, atomic_path, atomic_write_json
+from ..atomic import WriteFailed, atomic_path, atomic_write_json
 
 STORE_FORMAT = "pml-scale-store"
 STORE_VERSION = 1
@@ -184,8 +182,7 @@ class _RowStore:
                              f"{self.DTYPE.name}; the file is truncated or corrupt")
 
     def _create(self, init) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as f:
                 f.truncate(self.nbytes)  # sparse: no blocks allocated, reads as zeros
             if init is not None:
@@ -193,12 +190,6 @@ class _RowStore:
                 init(mm)
                 mm.flush()
                 del mm
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def _open(self) -> None:
         self._mm = np.memmap(self.path, dtype=self.DTYPE, mode="r+", shape=(self.num_samples, self.num_labels))
@@ -474,10 +465,9 @@ class VersionedPseudoStore:
 
     def _link(self, k: int) -> None:
         """Point ``{name}.f16`` at version k atomically (symlink to a temp name, then rename)."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        os.symlink(self.version_path(self.folder, k, self.name).name, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path, fsync=False) as tmp:  # a symlink: nothing to fsync
+            tmp.unlink(missing_ok=True)
+            os.symlink(self.version_path(self.folder, k, self.name).name, tmp)
 
     # -- the epoch protocol
     def begin_epoch(self, epoch: int) -> None:
@@ -552,8 +542,6 @@ def pseudo_store_class(dtype: str):
 
 
 def _observed_block(source, start: int, stop: int) -> np.ndarray:
-    if isinstance(source, ObservedLabelSource):
-        return source.gather_numpy(np.arange(start, stop))
     if isinstance(source, np.ndarray):
         return np.asarray(source[start:stop])
     return np.asarray(source.gather(np.arange(start, stop)))
@@ -564,7 +552,7 @@ class RoleEstimates(_RowStore):
 
     Created once (dense, random) when the file is absent; reopened as is otherwise, so a
     resumed run keeps its estimates. ``init_observed`` (N x L int8 states, an
-    ``ObservedLabels`` or an ``ObservedLabelSource``) pins observed entries as ROLE's code does.
+    or an ``ObservedLabels``) pins observed entries as ROLE's code does.
     The initial values depend only on (seed, sample id block), not on the machine.
     """
 
@@ -620,140 +608,3 @@ class RoleEstimates(_RowStore):
             return
         uniq, rows = _last_occurrence(ids_np)
         self._mm[uniq] = vals[rows]
-
-
-# ----------------------------------------------------------------------------- observed labels
-
-
-class ObservedLabelSource:
-    """Observed int8 states (1 / 0 / -1) by sample id as torch tensors on a device.
-
-    Wraps ``pml_scale.labels.ObservedLabels`` (dense memmap or CSR) or a plain (N, L) array.
-    """
-
-    def __init__(self, source):
-        if isinstance(source, np.ndarray):
-            if source.ndim != 2:
-                raise ValueError(f"observed labels must be a 2-D (N, L) array, got shape {source.shape}")
-            if source.dtype != np.int8:
-                if source.dtype.kind not in "iu":
-                    raise ValueError(f"observed labels must be int8 states 1/0/-1, got dtype {source.dtype}")
-                bad = ~np.isin(source, (-1, 0, 1))
-                if bad.any():
-                    r, c = np.argwhere(bad)[0]
-                    raise ValueError(f"observed labels: value {source[r, c]} at [{r}, {c}]; accepted 1, 0, -1")
-                source = source.astype(np.int8)
-            self._array, self._labels = source, None
-            self.num_samples, self.num_labels = int(source.shape[0]), int(source.shape[1])
-        elif all(hasattr(source, a) for a in ("gather", "num_samples", "num_labels")):
-            self._array, self._labels = None, source
-            self.num_samples, self.num_labels = int(source.num_samples), int(source.num_labels)
-        else:
-            raise TypeError(f"ObservedLabelSource needs an (N, L) int8 array or an ObservedLabels, "
-                            f"got {type(source).__name__}")
-
-    @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "ObservedLabelSource":
-        """Open an observed-label file (dense .npy or CSR) written by the label-missing tool."""
-        from .labels import ObservedLabels
-
-        return cls(ObservedLabels.load(path))
-
-    def gather_numpy(self, ids) -> np.ndarray:
-        ids_np = _ids_numpy(ids, self.num_samples, "ObservedLabelSource.gather")
-        if self._array is not None:
-            order = np.argsort(ids_np, kind="stable")
-            out = np.empty((ids_np.size, self.num_labels), dtype=np.int8)
-            out[order] = self._array[ids_np[order]]
-            return out
-        return np.asarray(self._labels.gather(ids_np), dtype=np.int8)
-
-    def gather(self, ids: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """int8 (B, L) states of ``ids`` on ``device`` (default: ``ids.device``)."""
-        out = torch.from_numpy(self.gather_numpy(ids))
-        if device is None:
-            device = ids.device if torch.is_tensor(ids) else "cpu"
-        return out.to(device)
-
-
-# ----------------------------------------------------------------------------- multi-rank
-
-
-def allgather_updates(ids: torch.Tensor, yhat: torch.Tensor, valid: torch.Tensor, group=None, *,
-                      wire_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's valid (id, row) updates, concatenated in rank order, on every rank.
-
-    Each rank then scatters all of them into its own node-local store, so any rank can train
-    any sample next epoch and all stores stay identical (same rows, same order: a repeated id
-    resolves to the highest rank's row everywhere). Traffic per step: every rank receives
-    world x B_max x (8 + L x wire bytes), i.e. B x L x 2 bytes x world with
-    ``wire_dtype=torch.float16`` (right for pseudo labels, stored as fp16 anyway; keep the
-    default, the values' own dtype, for ROLE logits whose small updates fp16 would round away).
-    Ranks may hold different batch sizes. Without an initialised process group this returns
-    the local valid rows.
-    """
-    import torch.distributed as dist
-
-    if ids.ndim != 1 or yhat.ndim != 2 or yhat.shape[0] != ids.shape[0] or valid.shape != ids.shape:
-        raise ValueError(f"allgather_updates: need ids (B,), yhat (B, L), valid (B,); got {tuple(ids.shape)}, "
-                         f"{tuple(yhat.shape)}, {tuple(valid.shape)}")
-    out_dtype = yhat.dtype
-    wire = wire_dtype or yhat.dtype
-    sel = valid.to(device=ids.device, dtype=torch.bool)
-    device = yhat.device
-    loc_ids = ids[sel].to(device=device, dtype=torch.int64)
-    loc_val = yhat[sel.to(device)].to(wire)
-    if not (dist.is_available() and dist.is_initialized()):
-        return loc_ids, loc_val.to(out_dtype)
-    world = dist.get_world_size(group)
-    n_l = yhat.shape[1]
-    meta = torch.tensor([loc_ids.numel(), n_l], dtype=torch.int64, device=device)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta, group=group)
-    metas = torch.stack(metas).cpu()
-    if (metas[:, 1] != n_l).any():
-        raise ValueError(f"allgather_updates: ranks disagree on the number of labels: {metas[:, 1].tolist()}")
-    counts = metas[:, 0].tolist()
-    m = max(counts)
-    if m == 0:
-        return loc_ids[:0], loc_val[:0].to(out_dtype)
-    pad_ids = torch.zeros(m, dtype=torch.int64, device=device)
-    pad_val = torch.zeros((m, n_l), dtype=wire, device=device)
-    pad_ids[: loc_ids.numel()] = loc_ids
-    pad_val[: loc_ids.numel()] = loc_val
-    all_ids = torch.empty(world * m, dtype=torch.int64, device=device)
-    all_val = torch.empty((world * m, n_l), dtype=wire, device=device)
-    if dist.get_backend(group) == "nccl":
-        dist.all_gather_into_tensor(all_ids, pad_ids, group=group)
-        dist.all_gather_into_tensor(all_val, pad_val, group=group)
-    else:  # gloo: list form (views into the flat outputs, no extra copy)
-        dist.all_gather(list(all_ids.view(world, m)), pad_ids, group=group)
-        dist.all_gather(list(all_val.view(world, m, n_l)), pad_val, group=group)
-    keep = torch.cat([torch.arange(r * m, r * m + c, device=device) for r, c in enumerate(counts)])
-    return all_ids[keep], all_val[keep].to(out_dtype)
-
-
-def allgather_rows(ids: torch.Tensor, rows: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's (B,) ids and (B, L) rows, concatenated in rank order, on every rank, with no
-    host synchronisation: all ranks send the same fixed B (the plan gives every rank equal
-    batches), so no sizes are exchanged first. Rows a rank did not train are marked by id -1;
-    the receiver drops them after copying to the host. Returns the local tensors unchanged
-    without an initialised process group. Traffic: world x B x (8 + L x itemsize) per call.
-    """
-    import torch.distributed as dist
-
-    if ids.ndim != 1 or rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
-        raise ValueError(f"allgather_rows: need ids (B,) and rows (B, L); got {tuple(ids.shape)}, {tuple(rows.shape)}")
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return ids, rows
-    world = dist.get_world_size(group)
-    ids, rows = ids.to(torch.int64).contiguous(), rows.contiguous()
-    all_ids = torch.empty(world * ids.shape[0], dtype=torch.int64, device=ids.device)
-    all_rows = torch.empty((world * rows.shape[0], rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    if dist.get_backend(group) == "nccl":
-        dist.all_gather_into_tensor(all_ids, ids, group=group)
-        dist.all_gather_into_tensor(all_rows, rows, group=group)
-    else:  # gloo: list form (views into the flat outputs, no extra copy)
-        dist.all_gather(list(all_ids.view(world, -1)), ids, group=group)
-        dist.all_gather(list(all_rows.view(world, rows.shape[0], rows.shape[1])), rows, group=group)
-    return all_ids, all_rows

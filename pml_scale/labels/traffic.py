@@ -45,8 +45,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..labels import MISSING
-from ..stores import allgather_rows
+from .states import MISSING
 
 
 class LabelTrafficError(RuntimeError):
@@ -264,3 +263,29 @@ def _host_rows(ids, rows) -> tuple[np.ndarray, np.ndarray]:
 
 def debug_dump_dir() -> str | None:
     return os.environ.get("PML_DEBUG_DUMP_UPDATES") or None
+
+
+def allgather_rows(ids: torch.Tensor, rows: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (B,) ids and (B, L) rows, concatenated in rank order, on every rank, with no
+    host synchronisation: all ranks send the same fixed B (the plan gives every rank equal
+    batches), so no sizes are exchanged first. Rows a rank did not train are marked by id -1;
+    the receiver drops them after copying to the host. Returns the local tensors unchanged
+    without an initialised process group. Traffic: world x B x (8 + L x itemsize) per call.
+    """
+    import torch.distributed as dist
+
+    if ids.ndim != 1 or rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
+        raise ValueError(f"allgather_rows: need ids (B,) and rows (B, L); got {tuple(ids.shape)}, {tuple(rows.shape)}")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return ids, rows
+    world = dist.get_world_size(group)
+    ids, rows = ids.to(torch.int64).contiguous(), rows.contiguous()
+    all_ids = torch.empty(world * ids.shape[0], dtype=torch.int64, device=ids.device)
+    all_rows = torch.empty((world * rows.shape[0], rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(all_ids, ids, group=group)
+        dist.all_gather_into_tensor(all_rows, rows, group=group)
+    else:  # gloo: list form (views into the flat outputs, no extra copy)
+        dist.all_gather(list(all_ids.view(world, -1)), ids, group=group)
+        dist.all_gather(list(all_rows.view(world, rows.shape[0], rows.shape[1])), rows, group=group)
+    return all_ids, all_rows

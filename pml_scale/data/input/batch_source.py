@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import ID_EXT, sample_key
-from .index import Locations, ShardFiles, check_image_bytes, fallback_jpeg
+from ..shards.format import ID_EXT, sample_key
+from ..shards.index import Locations, ShardFiles, check_image_bytes, fallback_jpeg
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, atomic_write_json
+from ...atomic import atomic_path, atomic_write_json
 from . import images
 from .convert import ConvertError, pool_worker_init, convert
-from ..labels import ObservedLabels
+from ...labels import ObservedLabels
 from .format import DALI_INDEX_VERSION, index_name_for, labels_path, open_labels, read_manifest, sample_key, \
     decode_id, file_sha256
 from .sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
@@ -220,7 +220,8 @@ def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *
     by block through a memory-mapped temp file, a CSR result is drawn from the listed entries
     (PPL/SPL/NATIVE) or from 16 MiB dense blocks (PAL). ``csr=None``: CSR when the labels are
     CSR and the setting is not PAL (PAL keeps round(r L) entries per image: dense is smaller)."""
-    from ..labels import _draw_block, label_stats, observed_csr, parse_setting
+    from ...labels.settings import draw_block, observed_csr, parse_setting
+    from ...labels.stats import label_stats
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -248,7 +249,7 @@ def make_mask(folder, setting: str, ratio: float | None = None, seed: int = 0, *
         with atomic_path(final) as tmp:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=full.shape)
             for a, block in full.iter_rows():
-                mm[a:a + block.shape[0]] = _draw_block(block, a, name, ratio, int(seed))
+                mm[a:a + block.shape[0]] = draw_block(block, a, name, ratio, int(seed))
             mm.flush()
             del mm
     for other in (final.with_suffix(".npy"), final.with_suffix(".npz")):  # one form per setting
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
                                progress=not a.quiet, restart=a.restart, labels_form=a.labels_form)
             _report(manifest, a.out)
         elif a.command == "demo" and a.dataset == "openimages-like":
-            from .openimages_like import build_openimages_like
+            from ...demo.openimages_like import build_openimages_like
 
             manifest = build_openimages_like(a.out, num_classes=a.classes, n_train=a.n_train or 20000,
                                              n_test=2000 if a.n_test is None else a.n_test, size=a.size or 48,
@@ -432,14 +433,14 @@ def main(argv=None) -> int:
                                              labels_form=a.labels_form, progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "demo" and a.dataset == "photos":
-            from . import demo_photos as dp
+            from ...demo import photos as dp
 
             manifest = dp.build_photos(a.out, stamps=a.stamps, seed=a.seed, n_train=a.n_train or dp.N_TRAIN,
                                        n_test=a.n_test or dp.N_TEST, size=a.size or dp.SIZE,
                                        shard_size=a.shard_size, workers=a.workers, progress=not a.quiet)
             _report(manifest, a.out)
         elif a.command == "demo":
-            from .demo import build_demo
+            from ...demo.digits import build_demo
 
             manifest = build_demo(a.out, dataset=a.dataset, seed=a.seed, n_train=a.n_train, n_test=a.n_test,
                                   size=a.size or 64, shard_size=a.shard_size, workers=a.workers,

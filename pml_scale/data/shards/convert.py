@@ -42,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..atomic import atomic_write_json
-from ..labels import save_csr
+from ... import __version__
+from ...atomic import atomic_path, atomic_write_json
+from ...labels import save_csr
+from ...labels.counts import positive_counts
 from . import images
 from .format import FORMAT_VERSION, MANIFEST, ShardWriter, file_sha256, index_name_for, labels_name, \
     shard_name
@@ -296,26 +297,24 @@ def choose_labels_form(num_samples: int, num_classes: int, num_entries: int, for
 def write_labels(path: Path, inputs: SplitInputs, rows: np.ndarray, num_classes: int) -> dict:
     """Write int8 (len(rows), L) labels, row k = input ``rows[k]`` (= sample id k), in chunks via a
     temp memmap renamed into place; returns the label statistics computed in the same pass."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = len(rows)
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=(n, num_classes))
     pos_c = np.zeros(num_classes, np.int64)
     neg_c = np.zeros(num_classes, np.int64)
     per_img_pos = np.zeros(n, np.int32)
     n_neg = n_miss = 0
-    for a in range(0, n, CHUNK_ROWS):
-        block = inputs.dense(rows[a:a + CHUNK_ROWS], num_classes)
-        arr[a:a + len(block)] = block
-        pos_c += (block == 1).sum(0)
-        neg_c += (block == 0).sum(0)
-        per_img_pos[a:a + len(block)] = (block == 1).sum(1)
-        n_neg += int((block == 0).sum())
-        n_miss += int((block == -1).sum())
-    arr.flush()
-    del arr
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=(n, num_classes))
+        for a in range(0, n, CHUNK_ROWS):
+            block = inputs.dense(rows[a:a + CHUNK_ROWS], num_classes)
+            arr[a:a + len(block)] = block
+            class_pos, row_pos = positive_counts(block)
+            pos_c += class_pos
+            neg_c += (block == 0).sum(0)
+            per_img_pos[a:a + len(block)] = row_pos
+            n_neg += int((block == 0).sum())
+            n_miss += int((block == -1).sum())
+        arr.flush()
+        del arr
     return _label_stats(n, per_img_pos, pos_c, neg_c, n_neg, n_miss)
 
 

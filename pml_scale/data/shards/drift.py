@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import atomic_write_json
+from ...atomic import atomic_write_json
 from .format import file_sha256, split_shards
 
 RECORD = "shards.json"

@@ -32,7 +32,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from ...atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from ...atomic import commit, temp_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,7 +80,7 @@ def labels_path(folder: str | os.PathLike, split: str, manifest: dict | None = N
 def open_labels(folder: str | os.PathLike, split: str, manifest: dict | None = None, *, validate: bool = False):
     """The full labels of a split as ``labels.ObservedLabels`` (dense memmap or CSR in memory:
     13 B per listed entry + 8 B per image); CSR is always checked (O(entries)), dense only if asked."""
-    from ..labels import ObservedLabels
+    from ...labels import ObservedLabels
 
     path = labels_path(folder, split, manifest)
     return ObservedLabels.load(path, validate=validate or path.suffix == ".npz")
@@ -123,7 +124,7 @@ class ShardWriter:
 
     def __post_init__(self):
         self.path = Path(self.path)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temp_path(self.path)
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._ids: list[int] = []
@@ -159,7 +160,7 @@ class ShardWriter:
             lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in row))
         atomic_write_bytes(index_name_for(self.path), ("\n".join(lines) + "\n").encode())
         digest, size = file_sha256(self._tmp)
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path, fsync=False)  # fsynced through its handle above
         return ShardInfo(self.path.name, len(self._ids), min(self._ids), max(self._ids), digest, size)
 
     def abort(self) -> None:
