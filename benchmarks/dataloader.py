@@ -46,7 +46,7 @@ class ReaderLoader:
         from nvidia.dali import fn, pipeline_def, types
 
         from pml_scale.data.shards.format import index_name_for, read_manifest, split_shards
-        from pml_scale.imagenet import IMAGENET_MEAN, IMAGENET_STD
+        from pml_scale.imagenet import UINT8_MEAN, UINT8_STD
 
         shards = [str(p) for p in split_shards(root, read_manifest(root), split)]
         self.device, self.batch_size, self.decode = device, batch_size, decode
@@ -65,7 +65,7 @@ class ReaderLoader:
             img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
             img = fn.crop_mirror_normalize(img, dtype=types.FLOAT16, output_layout="CHW",
                                            mirror=fn.random.coin_flip(probability=0.5),
-                                           mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+                                           mean=UINT8_MEAN, std=UINT8_STD)
             return img, sid
 
         self.pipe = graph()

@@ -36,7 +36,8 @@ def bare_rate(cfg, classes: int, *, steps: int, warmup: int = 3) -> float:
     from pml_scale.deepspeed_config import deepspeed_config
     from pml_scale.distributed import disable_deepspeed_cpu_shm_op, setup_distributed
     from pml_scale.model import build_model
-    from pml_scale.train import DTYPES, engine_config, finish_engine
+    from pml_scale.dtypes import DTYPES
+    from pml_scale.train import engine_config, finish_engine
 
     info = setup_distributed()
     disable_deepspeed_cpu_shm_op()

@@ -134,7 +134,7 @@ class DataConfig(_Section):
     # test split is read once, at the end (eval.test)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     val_seed: Optional[int] = None
-    feature_cache: bool = False  # cache the output of the model.frozen_stages frozen units once (data.features)
+    feature_cache: bool = False  # cache the output of the model.frozen_stages frozen units once (data.input.features)
 
 
 class ModelConfig(_Section):

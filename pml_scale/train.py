@@ -50,7 +50,7 @@ from .labels.traffic import LabelTraffic, debug_dump_dir
 from .data.input import LoaderConfig, build_loader
 from .distributed import barrier, broadcast_buffers, broadcast_object, disable_deepspeed_cpu_shm_op, setup_distributed
 from .evaluate import predict, score
-from .data.shards.cli import make_mask, observed_name
+from .data.shards.masks import make_mask, observed_name
 from .labels import ObservedLabels, class_prior, label_stats, parse_setting
 from .losses import LossInputs, PaperOptions, alpha_beta_counts, build_loss, loss_options
 from .model import build_model

@@ -9,7 +9,7 @@ import pytest
 from pml_scale import labels
 from pml_scale.labels import observed, settings, stores
 from pml_scale.atomic import atomic_path, atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text
-from pml_scale.data.shards.cli import make_mask
+from pml_scale.data.shards.masks import make_mask
 from pml_scale.data.shards.sources import parse_list
 
 

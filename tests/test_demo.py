@@ -12,7 +12,8 @@ import pytest
 
 from pml_scale.demo import digits as demo, scenes
 from pml_scale.data.shards.format import read_manifest
-from pml_scale.data.shards.cli import main, verify
+from pml_scale.data.shards.cli import main
+from pml_scale.data.shards.verify import verify
 
 
 @pytest.fixture(scope="module")

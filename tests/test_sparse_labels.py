@@ -19,7 +19,9 @@ from pml_scale.data.shards import convert as convert_mod
 from pml_scale.data.shards.convert import choose_labels_form, convert
 from pml_scale.data.shards.format import labels_path, open_labels, read_manifest
 from pml_scale.demo.openimages_like import write_openimages_like
-from pml_scale.data.shards.cli import main, make_mask, verify
+from pml_scale.data.shards.cli import main
+from pml_scale.data.shards.masks import make_mask
+from pml_scale.data.shards.verify import verify
 from pml_scale.data.shards.sources import parse_list, parse_openimages
 from pml_scale.evaluate import score
 from pml_scale.labels import ObservedLabels, label_stats, make_observed, save_csr
@@ -257,7 +259,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import torch
     from pml_scale.data.shards.format import open_labels
     from pml_scale.labels.traffic import LabelTraffic
-    from pml_scale.data.shards.cli import make_mask
+    from pml_scale.data.shards.masks import make_mask
     from pml_scale.labels import ObservedLabels, label_stats
     from pml_scale.labels.stores import PseudoLabelStore
 

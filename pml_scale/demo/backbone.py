@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_bytes, atomic_write_json
-from ..imagenet import IMAGENET_MEAN, IMAGENET_STD
+from ..imagenet import uint8_mean_std
 from ..model import TinyResNet
 from .scenes import COLOURS, DIGITS, NUM_DIGITS, compose, writer_pools
 
@@ -36,8 +36,7 @@ BACKBONE_FILE = "pretrained/tiny_resnet-digits.pth"
 RECIPE = {"task": "digit+colour, single upright digit", "model": "tiny_resnet", "n_images": 16000, "epochs": 6,
           "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4, "schedule": "onecycle(pct_start=0.15)",
           "zero_init_residual": False, "n_val": 1000, "canvas": 32, "version": 2}
-_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255  # the loaders' ImageNet normalisation
-_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+_MEAN, _STD = uint8_mean_std()  # the loaders' ImageNet normalisation
 
 
 def backbone_path(root) -> Path:

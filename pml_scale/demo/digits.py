@@ -15,7 +15,7 @@ Digits are scikit-learn's ``load_digits`` (1797 real 8x8 scans): indices [0, 898
 [898, 1797) test, so no scan appears in both. Each digit is upscaled ~3x with random scale and
 placement on a textured background; JPEG quality 90. The images are written as a COCO
 instances JSON + JPEG folder and converted through the same ``coco`` path as real data; the
-build also pretrains the demo backbone (``demo_backbone``: the stand-in for ImageNet weights).
+build also pretrains the demo backbone (``demo.backbone``: the stand-in for ImageNet weights).
 Time and memory grow linearly with ``n_train + n_test`` (one image at a time).
 """
 
@@ -30,6 +30,10 @@ import numpy as np
 from PIL import Image
 
 from .scenes import category_id, class_weights, compose, get_spec, writer_pools
+
+# The generator's name as manifests record it (and fingerprint it) since the first build; kept
+# when the module moved to pml_scale.demo, so that folders built before stay valid (not re-converted).
+GENERATOR = "pml_scale.data.demo"
 
 
 def _check_sizes(n_train, n_test, size) -> None:
@@ -92,7 +96,7 @@ def build_demo(out, *, dataset: str = "digits", seed: int = 0, n_train: int | No
                n_test: int | None = None, size: int = 64, shard_size: int = 400, workers: int = 1,
                quality: int = 90, pretrain: bool = True, progress: bool = False) -> dict:
     """Build the demo shard folder ``out``: the pretrained demo backbone first (``pretrain``;
-    ``out/pretrained/``, see ``demo_backbone``), then COCO files generated in ``out/.demo-src``
+    ``out/pretrained/``, see ``demo.backbone``), then COCO files generated in ``out/.demo-src``
     (removed afterwards) and the real ``coco`` converter, whose manifest is written last.
     Deterministic in ``seed``; rerunning on a finished folder is a no-op. Returns the manifest."""
     from ..data.shards.convert import convert
@@ -112,7 +116,7 @@ def build_demo(out, *, dataset: str = "digits", seed: int = 0, n_train: int | No
         files = make_demo_coco(work, dataset=dataset, seed=seed, n_train=n_train, n_test=n_test, size=size,
                                quality=quality)
         source = parse_coco(*files["train"], *files["test"])
-        source.args = {"demo": {"generator": "pml_scale.data.demo", "dataset": spec.name, "seed": seed,
+        source.args = {"demo": {"generator": GENERATOR, "dataset": spec.name, "seed": seed,
                                 "n_train": n_train, "n_test": n_test, "size": size, "quality": quality}}
         return convert(source, out, workers=workers, shard_size=shard_size, quality=quality, progress=progress,
                        log=lambda *_: None)

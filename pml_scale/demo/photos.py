@@ -40,8 +40,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from .scenes import class_weights
+
 DEFAULT_STAMPS = "/usr/share/tuxpaint/stamps"
 STAMPS_ENV = "PML_STAMPS_DIR"
+# The generator's name as manifests record it (and fingerprint it) since the first build; kept
+# when the module moved to pml_scale.demo, so that folders built before stay valid (not re-converted).
+GENERATOR = "pml_scale.data.demo_photos"
 MAX_FLAT_SHARE = 0.15
 MIN_PIXELS = 200
 TEST_SHARE = 0.3  # of each class's exemplars
@@ -229,12 +234,6 @@ def compose(rng, background: Image.Image, cutouts: list[Image.Image], size: int)
     return canvas, boxes
 
 
-def class_weights(rng: np.random.Generator, num_classes: int, zipf_s: float = ZIPF_S) -> np.ndarray:
-    ranks = rng.permutation(num_classes) + 1
-    w = 1.0 / ranks.astype(np.float64) ** zipf_s
-    return w / w.sum()
-
-
 def make_photos_coco(work, *, stamps=None, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST,
                      size: int = SIZE, quality: int = 90, progress: bool = False) -> dict:
     """Write ``work/{split}2017/*.jpg`` and ``work/annotations/instances_{split}2017.json``.
@@ -252,7 +251,7 @@ def make_photos_coco(work, *, stamps=None, seed: int = 0, n_train: int = N_TRAIN
     names = list(exemplars)
     splits = split_exemplars(exemplars, seed)
     photos = background_photos()
-    weights = class_weights(np.random.default_rng(seed), len(names))
+    weights = class_weights(np.random.default_rng(seed), len(names), ZIPF_S)
     work = Path(work)
     (work / "annotations").mkdir(parents=True, exist_ok=True)
     cats = [{"id": k + 1, "name": n, "supercategory": n} for k, n in enumerate(names)]
@@ -318,7 +317,7 @@ def build_photos(out, *, stamps=None, seed: int = 0, n_train: int = N_TRAIN, n_t
         files = make_photos_coco(work, stamps=stamps, seed=seed, n_train=n_train, n_test=n_test, size=size,
                                  quality=quality, progress=progress)
         source = parse_coco(*files["train"], *files["test"])
-        source.args = {"demo": {"generator": "pml_scale.data.demo_photos", "dataset": "photos", "seed": seed,
+        source.args = {"demo": {"generator": GENERATOR, "dataset": "photos", "seed": seed,
                                 "n_train": n_train, "n_test": n_test, "size": size, "quality": quality}}
         out.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(out / VAL_IDS_FILE, files["val_ids"])  # before the manifest, which marks the end

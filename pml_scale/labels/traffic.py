@@ -182,8 +182,8 @@ class LabelTraffic:
                 tag: str = "") -> None:
         """Queue the store updates of this step: ŷ (V, L) of the valid rows (and ROLE's new rows).
         The device work is only enqueued here; the thread writes once the copies have landed."""
-        pseudo = self._share(batch, labels, yhat, torch.float16)
-        role = self._share(batch, labels, role_rows, None) if role_rows is not None else None
+        pseudo = self._rows_for_store(batch, labels, yhat, torch.float16)
+        role = self._rows_for_store(batch, labels, role_rows, None) if role_rows is not None else None
         event = None
         if self.cuda:
             event = torch.cuda.Event()
@@ -191,7 +191,7 @@ class LabelTraffic:
         step = tag.split("-")[0] if tag else "?"
         self._submit(f"the store update of step {step} (rank {self.rank})", self._scatter, event, pseudo, role, tag)
 
-    def _share(self, batch, labels: BatchLabels, values: torch.Tensor, wire):
+    def _rows_for_store(self, batch, labels: BatchLabels, values: torch.Tensor, wire):
         """(ids, rows) on the host (still landing) of the rows this rank's store must receive."""
         values = values.detach()
         if self.per_node or self.world_size == 1:
@@ -262,6 +262,7 @@ def _host_rows(ids, rows) -> tuple[np.ndarray, np.ndarray]:
 
 
 def debug_dump_dir() -> str | None:
+    """The folder of PML_DEBUG_DUMP_UPDATES (README, Environment switches), None when unset."""
     return os.environ.get("PML_DEBUG_DUMP_UPDATES") or None
 
 

@@ -54,7 +54,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ...imagenet import IMAGENET_MEAN, IMAGENET_STD
+from ...dtypes import DTYPE_NAMES, torch_dtype
+from ...imagenet import UINT8_MEAN, UINT8_STD, uint8_mean_std
 from .batch_source import PlanSource, flip_draws
 from ..shards.index import Locations, SampleError, SampleIndex, ShardReader, read_checked
 from .plan import AFFINITIES, SUBSETS, batches_per_epoch, make_plan, restrict
@@ -62,8 +63,6 @@ from .plan import AFFINITIES, SUBSETS, batches_per_epoch, make_plan, restrict
 BACKENDS = ("auto", "dali", "dali_cpu", "pil")
 AUGMENTS = ("resize", "rrc")
 ON_ERROR = ("skip", "fail")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
@@ -87,7 +86,7 @@ class LoaderConfig:
     augment: str = "resize"  # or "rrc"
     hflip: float = 0.5
     workers: int = 4
-    dtype: str = "float32"  # "bf16" | "fp16"
+    dtype: str = "fp32"  # "bf16" | "fp16" (dtypes.DTYPES; torch's names accepted too)
     on_error: str = "skip"  # or "fail"
     affinity: str = "none"  # or "shard"
     seed: int = 0
@@ -96,10 +95,10 @@ class LoaderConfig:
     val_fraction: float = 0.0
     val_seed: int = 0
     val_ids: str | None = None  # a dataset's own validation ids (.npy), instead of a seeded carve
-    features: str | None = None  # a feature cache file (data.features): read rows instead of decoding
+    features: str | None = None  # a feature cache file (data.input.features): read rows instead of decoding
 
     def __post_init__(self):
-        choices = {"backend": BACKENDS, "augment": AUGMENTS, "dtype": tuple(DTYPES), "on_error": ON_ERROR,
+        choices = {"backend": BACKENDS, "augment": AUGMENTS, "dtype": DTYPE_NAMES, "on_error": ON_ERROR,
                    "affinity": AFFINITIES, "subset": SUBSETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -169,7 +168,7 @@ def _dali_pipeline(cfg: LoaderConfig, source: PlanSource, *, gpu: bool, device_i
     from nvidia.dali import fn, pipeline_def, types
 
     S = cfg.image_size
-    out_type = types.FLOAT if DTYPES[cfg.dtype] == torch.float32 else types.FLOAT16
+    out_type = types.FLOAT if torch_dtype(cfg.dtype) == torch.float32 else types.FLOAT16
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id, seed=seed,
                   prefetch_queue_depth=PREFETCH_DEPTH, exec_dynamic=True)
@@ -191,7 +190,7 @@ def _dali_pipeline(cfg: LoaderConfig, source: PlanSource, *, gpu: bool, device_i
         img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = outs[2] if source.flips else 0
         img = fn.crop_mirror_normalize(img, dtype=out_type, output_layout="CHW", mirror=mirror,
-                                       mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+                                       mean=UINT8_MEAN, std=UINT8_STD)
         return img, ids
 
     pipe = graph()
@@ -337,11 +336,9 @@ class EpochLoader:
         self._source: PlanSource | None = None
         self._epoch_gen = None
         self.epoch, self.start_batch = 0, 0
-        dtype = DTYPES[cfg.dtype]
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(shape) * 255
-        self._inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(shape) * 255)
-        self._dtype = dtype
+        self._mean, std = uint8_mean_std(device)
+        self._inv_std = 1 / std
+        self._dtype = torch_dtype(cfg.dtype)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

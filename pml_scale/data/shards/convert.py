@@ -1,4 +1,4 @@
-"""Parallel, resumable conversion of a parsed :class:`~pml_scale.data.sources.Source` to shards.
+"""Parallel, resumable conversion of a parsed :class:`~pml_scale.data.shards.sources.Source` to shards.
 
 Two phases, both over a process pool and both journaled in ``OUT/.progress.jsonl``:
 
@@ -357,6 +357,36 @@ def convert(source: Source, out, *, workers: int = 1, shard_size: int = 1000, ma
     Rerunning on a finished folder with the same inputs is a no-op; on an interrupted one it
     resumes. ``strict`` raises :class:`StrictError` at the first rejected input. ``labels_form``:
     auto (CSR where smaller, see ``choose_labels_form``), dense or csr."""
+    _check_options(source, workers, shard_size, max_side, quality, strict, labels_form)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"shard_size": shard_size, "max_side": max_side, "quality": quality, "allow_convert": allow_convert}
+    if labels_form != "auto":  # auto is a function of the inputs: fingerprints of earlier runs stay valid
+        options["labels_form"] = labels_form
+    fp = fingerprint(source, options)
+    with _locked(out):
+        journal = _Journal(out / JOURNAL)
+        finished = None if restart else _finished_manifest(out, fp, log)
+        if finished is not None:
+            return finished
+        events = [] if restart else journal.read()
+        _check_resumable(out, fp, restart, events)
+        _clean(out, everything=restart)
+        if restart and (out / "observed").is_dir():
+            log(f"warning: {out / 'observed'} holds settings drawn from the previous labels; redraw them")
+        if not events:
+            journal.append({"event": "start", "fingerprint": fp, "time": _now()})
+        checked = {(e["split"], e["chunk"]): e["issues"] for e in events if e.get("event") == "checked"}
+        written = {(e["split"], e["info"]["name"]): e["info"] for e in events if e.get("event") == "shard"}
+        plan, shards = _run_phases(source, out, shard_size, max_side, quality, allow_convert, strict, checked,
+                                   written, journal, workers, progress)
+        manifest = _finish(source, out, plan, shards, options, fp)
+        (out / JOURNAL).unlink(missing_ok=True)
+    (out / LOCK).unlink(missing_ok=True)
+    return manifest
+
+
+def _check_options(source: Source, workers, shard_size, max_side, quality, strict: bool, labels_form: str) -> None:
     if labels_form not in LABEL_FORMS:
         raise ValueError(f"labels_form must be one of {', '.join(LABEL_FORMS)}, got {labels_form!r}")
     if not isinstance(workers, int) or workers < 1:
@@ -371,58 +401,54 @@ def convert(source: Source, out, *, workers: int = 1, shard_size: int = 1000, ma
         first = next(iter(source.rejects), None)
         if first is not None:
             raise StrictError(f"--strict: {first} ({len(source.rejects)} bad input rows in total)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    options = {"shard_size": shard_size, "max_side": max_side, "quality": quality, "allow_convert": allow_convert}
-    if labels_form != "auto":  # auto is a function of the inputs: fingerprints of earlier runs stay valid
-        options["labels_form"] = labels_form
-    fp = fingerprint(source, options)
-    with _locked(out):
-        man_path = out / MANIFEST
-        journal = _Journal(out / JOURNAL)
-        if man_path.exists() and not restart:
-            try:
-                old = json.loads(man_path.read_text())
-            except json.JSONDecodeError:
-                old = {}
-            if old.get("fingerprint") == fp:
-                log(f"{out}: already converted from these inputs (manifest.json present); nothing to do")
-                return old
-            raise ConvertError(f"{out}: holds a finished conversion of other inputs or options; choose another "
-                               "folder or pass --restart to replace it")
-        events = [] if restart else journal.read()
-        if events and (events[0].get("event") != "start" or events[0].get("fingerprint") != fp):
-            raise ConvertError(f"{out / JOURNAL}: a partial conversion of other inputs or options is in this folder; "
-                               "rerun with the same arguments to resume, or pass --restart to start over")
-        if not events and not restart and _our_outputs(out):
-            raise ConvertError(f"{out}: holds shard or label files but no progress journal or manifest; they are "
-                               "not from a run that can be resumed: pass --restart to replace them")
-        _clean(out, everything=restart)
-        if restart and (out / "observed").is_dir():
-            log(f"warning: {out / 'observed'} holds settings drawn from the previous labels; redraw them")
-        if not events:
-            journal.append({"event": "start", "fingerprint": fp, "time": _now()})
-        checked = {(e["split"], e["chunk"]): e["issues"] for e in events if e.get("event") == "checked"}
-        written = {(e["split"], e["info"]["name"]): e["info"] for e in events if e.get("event") == "shard"}
-        pool = None
-        if workers > 1:
-            pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_init, initargs=(os.getpid(),))
-        try:
-            _check_phase(source, shard_size, allow_convert, strict, checked, journal, workers, pool, progress)
-            plan = _plan(source, shard_size, checked)
-            shards = _write_phase(source, out, plan, shard_size, max_side, quality, written, journal, workers, pool,
-                                  progress)
-        except KeyboardInterrupt:
-            if pool is not None:
-                _stop_workers(pool)
-            raise
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        manifest = _finish(source, out, plan, shards, options, fp)
-        (out / JOURNAL).unlink(missing_ok=True)
-    (out / LOCK).unlink(missing_ok=True)
-    return manifest
+
+
+def _finished_manifest(out: Path, fp: str, log) -> dict | None:
+    """The manifest of a finished conversion of the same inputs (nothing to do), None if there is
+    none; a finished conversion of other inputs is refused."""
+    man_path = out / MANIFEST
+    if not man_path.exists():
+        return None
+    try:
+        old = json.loads(man_path.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    if old.get("fingerprint") == fp:
+        log(f"{out}: already converted from these inputs (manifest.json present); nothing to do")
+        return old
+    raise ConvertError(f"{out}: holds a finished conversion of other inputs or options; choose another "
+                       "folder or pass --restart to replace it")
+
+
+def _check_resumable(out: Path, fp: str, restart: bool, events: list) -> None:
+    """Refuse to resume another conversion's journal, or to overwrite outputs no journal accounts for."""
+    if events and (events[0].get("event") != "start" or events[0].get("fingerprint") != fp):
+        raise ConvertError(f"{out / JOURNAL}: a partial conversion of other inputs or options is in this folder; "
+                           "rerun with the same arguments to resume, or pass --restart to start over")
+    if not events and not restart and _our_outputs(out):
+        raise ConvertError(f"{out}: holds shard or label files but no progress journal or manifest; they are "
+                           "not from a run that can be resumed: pass --restart to replace them")
+
+
+def _run_phases(source, out, shard_size, max_side, quality, allow_convert, strict, checked, written, journal,
+                workers, progress):
+    """Check every image, plan the shards, write them: (plan, shards), on a worker pool when workers > 1."""
+    pool = None
+    if workers > 1:
+        pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_init, initargs=(os.getpid(),))
+    try:
+        _check_phase(source, shard_size, allow_convert, strict, checked, journal, workers, pool, progress)
+        plan = _plan(source, shard_size, checked)
+        shards = _write_phase(source, out, plan, shard_size, max_side, quality, written, journal, workers, pool,
+                              progress)
+    except KeyboardInterrupt:
+        if pool is not None:
+            _stop_workers(pool)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return plan, shards
 
 
 def _now() -> str:

@@ -10,7 +10,7 @@ image size int64, id offset int64, plus ids int64: 36 bytes/sample, ~200 MB at 5
 parses every ``.idx`` line once (vectorised per shard with numpy). In affinity mode a rank loads
 only its own shards. File handles are opened lazily, once per process (fork-safe), per shard.
 
-Whole-batch reads for DALI (one buffer per batch, vectorised checks) are in ``batch_source``;
+Whole-batch reads for DALI (one buffer per batch, vectorised checks) are in ``data.input.batch_source``;
 this module and that one import no torch.
 """
 

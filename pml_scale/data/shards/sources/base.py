@@ -212,3 +212,8 @@ def drop_empty(builder_rows, keep_empty: bool, split: str, file: str, skipped: l
                                   key=key, split=split))
             continue
         yield path, key, pos, neg
+
+
+def given_args(**paths) -> dict:
+    """The arguments a parser was given, as strings for the manifest (those left out are not recorded)."""
+    return {k: str(v) for k, v in paths.items() if v is not None}

@@ -11,12 +11,36 @@ def parse_cub(root=None, *, attributes=None) -> Source:
     is_present, certainty, time) → 312 binary attributes, full labels (absent = negative);
     names from ``attributes.txt`` (searched in the root, ``attributes/`` and its parent)."""
     root = need_dir(root, "--root")
-    if attributes is None:
-        for cand in (root / "attributes.txt", root / "attributes" / "attributes.txt", root.parent / "attributes.txt"):
-            if cand.is_file():
-                attributes = cand
-                break
-    apath = need_file(attributes, "--attributes (attributes.txt)")
+    apath = need_file(_find_attributes(root) if attributes is None else attributes, "--attributes (attributes.txt)")
+    attr_ids, names = _attribute_names(apath)
+    col = {a: j for j, a in enumerate(attr_ids)}
+    rejects = []
+    images = _images(need_file(root / "images.txt", "images.txt"), rejects)
+    spath = need_file(root / "train_test_split.txt", "train_test_split.txt")
+    split_of = _split_flags(spath, images, rejects)
+    lpath = need_file(root / "attributes" / "image_attribute_labels.txt", "image_attribute_labels.txt")
+    pos = _present_attributes(lpath, col, images, rejects)
+    builders = {}
+    for iid, rel in images.items():
+        split = split_of.get(iid)
+        if split is None:
+            rejects.append(Reject(str(spath), "unknown_image", f"image id {iid} has no train/test flag",
+                                  key=str(iid)))
+            continue
+        builders.setdefault(split, SplitBuilder()).add(str(root / "images" / rel), rel, sorted(pos.get(iid, ())))
+    splits = {s: b.finish(NEG) for s, b in sorted(builders.items())}
+    return Source("cub", {"root": str(root), "attributes": str(apath)}, names, attr_ids, splits, rejects, [])
+
+
+def _find_attributes(root):
+    """attributes.txt in the root, in ``attributes/`` or in the root's parent (None: not found)."""
+    for cand in (root / "attributes.txt", root / "attributes" / "attributes.txt", root.parent / "attributes.txt"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _attribute_names(apath) -> tuple[list[int], list[str]]:
     attr_ids, names = [], []
     for n, t in text_lines(apath):
         parts = t.split(maxsplit=1)
@@ -24,9 +48,11 @@ def parse_cub(root=None, *, attributes=None) -> Source:
             raise InputError(f"{apath}:{n}: expected '<attribute id> <name>'")
         attr_ids.append(as_int(parts[0]))
         names.append(parts[1])
-    col = {a: j for j, a in enumerate(attr_ids)}
-    rejects = []
-    ipath = need_file(root / "images.txt", "images.txt")
+    return attr_ids, names
+
+
+def _images(ipath, rejects: list) -> dict[int, str]:
+    """{image id: path under images/} from images.txt (the first of a repeated id kept)."""
     images = {}
     for n, t in text_lines(ipath):
         parts = t.split()
@@ -37,7 +63,11 @@ def parse_cub(root=None, *, attributes=None) -> Source:
             rejects.append(Reject(str(ipath), "duplicate", f"duplicate image id {iid} (first kept)", line=n))
         else:
             images[iid] = parts[1]
-    spath = need_file(root / "train_test_split.txt", "train_test_split.txt")
+    return images
+
+
+def _split_flags(spath, images: dict, rejects: list) -> dict[int, str]:
+    """{image id: "train" | "test"} from train_test_split.txt."""
     split_of = {}
     for n, t in text_lines(spath):
         parts = t.split()
@@ -51,7 +81,11 @@ def parse_cub(root=None, *, attributes=None) -> Source:
             rejects.append(Reject(str(spath), "duplicate", f"image id {iid} listed twice (first kept)", line=n))
         else:
             split_of[iid] = "train" if flag == 1 else "test"
-    lpath = need_file(root / "attributes" / "image_attribute_labels.txt", "image_attribute_labels.txt")
+    return split_of
+
+
+def _present_attributes(lpath, col: dict, images: dict, rejects: list) -> dict[int, set]:
+    """{image id: label columns of its present attributes} from image_attribute_labels.txt."""
     pos: dict[int, set] = {}
     for n, t in text_lines(lpath):
         parts = t.split()
@@ -67,13 +101,4 @@ def parse_cub(root=None, *, attributes=None) -> Source:
             rejects.append(Reject(str(lpath), "unknown_image", f"image id {iid} is not in images.txt", line=n))
         elif present:
             pos.setdefault(iid, set()).add(col[aid])
-    builders = {}
-    for iid, rel in images.items():
-        split = split_of.get(iid)
-        if split is None:
-            rejects.append(Reject(str(spath), "unknown_image", f"image id {iid} has no train/test flag",
-                                  key=str(iid)))
-            continue
-        builders.setdefault(split, SplitBuilder()).add(str(root / "images" / rel), rel, sorted(pos.get(iid, ())))
-    splits = {s: b.finish(NEG) for s, b in sorted(builders.items())}
-    return Source("cub", {"root": str(root), "attributes": str(apath)}, names, attr_ids, splits, rejects, [])
+    return pos

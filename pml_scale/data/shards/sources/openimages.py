@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import MISSING, NEG, POS, InputError, Reject, Source, SplitInputs, need_dir, need_file, ranges
+from .base import (MISSING, NEG, POS, InputError, Reject, Source, SplitInputs, given_args, need_dir, need_file,
+                   ranges)
 
 
 def _read_class_table(path: Path) -> list[tuple[str, str]]:
@@ -35,16 +36,7 @@ def parse_openimages(train_labels=None, train_images=None, test_labels=None, tes
     from ``class_descriptions``; labels of other known classes are ignored (counted), labels of
     unknown classes are rejected. An image is ``{images}/{ImageID}.jpg``."""
     desc = dict(_read_class_table(need_file(class_descriptions, "--class-descriptions")))
-    if trainable is not None:
-        tpath = need_file(trainable, "--trainable")
-        mids = [m for m, _ in _read_class_table(tpath)]
-        unknown = [m for m in mids if m not in desc]
-        if unknown:
-            raise InputError(f"{tpath}: classes not in {class_descriptions}: {unknown[:5]}")
-        if len(set(mids)) != len(mids):
-            raise InputError(f"{tpath}: duplicate class ids")
-    else:
-        mids = list(desc)
+    mids = _trainable(trainable, desc, class_descriptions) if trainable is not None else list(desc)
     col = {m: j for j, m in enumerate(mids)}
     pairs = {"train": (train_labels, train_images), "test": (test_labels, test_images)}
     pairs = {s: p for s, p in pairs.items() if p[0] is not None or p[1] is not None}
@@ -54,65 +46,85 @@ def parse_openimages(train_labels=None, train_images=None, test_labels=None, tes
     for split, (lpath, ipath) in pairs.items():
         lpath = need_file(lpath, f"--{split}-labels")
         idir = need_dir(ipath, f"--{split}-images")
-        img_index: dict[str, int] = {}
-        rows_img, rows_col, rows_val, rows_line = array("q"), array("i"), array("b"), array("q")
-        n_ignored = 0
-        with open(lpath, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            need = ("ImageID", "LabelName", "Confidence")
-            if header is None or not all(h in header for h in need):
-                raise InputError(f"{lpath}:1: header must name the columns {', '.join(need)} (got {header})")
-            ci, cl, cc = (header.index(h) for h in need)
-            width = len(header)
-            for n, row in enumerate(reader, 2):
-                if len(row) != width:
-                    rejects.append(Reject(str(lpath), "malformed_row", f"{len(row)} fields, expected {width}",
-                                          line=n, split=split))
-                    continue
-                image, label, conf = row[ci].strip(), row[cl].strip(), row[cc].strip()
-                value = {"1": POS, "0": NEG, "1.0": POS, "0.0": NEG}.get(conf)
-                if not image or value is None:
-                    rejects.append(Reject(str(lpath), "malformed_row", f"needs an ImageID and Confidence 0 or 1 "
-                                          f"(got {image!r}, {conf!r})", line=n, split=split))
-                    continue
-                if label not in col:
-                    if label in desc:
-                        n_ignored += 1
-                    else:
-                        rejects.append(Reject(str(lpath), "unknown_class", f"unknown class id {label!r}",
-                                              line=n, split=split))
-                    continue
-                rows_img.append(img_index.setdefault(image, len(img_index)))
-                rows_col.append(col[label])
-                rows_val.append(value)
-                rows_line.append(n)
-        ignored[split] = n_ignored
-        img = np.frombuffer(rows_img, np.int64) if len(rows_img) else np.zeros(0, np.int64)
-        cols = np.frombuffer(rows_col, np.int32) if len(rows_col) else np.zeros(0, np.int32)
-        vals = np.frombuffer(rows_val, np.int8) if len(rows_val) else np.zeros(0, np.int8)
-        lines = np.frombuffer(rows_line, np.int64) if len(rows_line) else np.zeros(0, np.int64)
-        order = np.lexsort((lines, cols, img))  # by image, class, then file order
-        img, cols, vals, lines = img[order], cols[order], vals[order], lines[order]
-        names = list(img_index)
-        dup = np.zeros(len(img), bool)
-        dup[1:] = (img[1:] == img[:-1]) & (cols[1:] == cols[:-1])
-        for k in np.flatnonzero(dup):
-            rejects.append(Reject(str(lpath), "duplicate", f"duplicate label row for image {names[img[k]]} "
-                                  f"class {mids[cols[k]]} (first row kept)", line=int(lines[k]), split=split))
-        img, cols, vals = img[~dup], cols[~dup], vals[~dup]
-        counts = np.bincount(img, minlength=len(names))
-        by_name = np.asarray(sorted(range(len(names)), key=names.__getitem__), np.int64)
-        starts = np.zeros(len(names) + 1, np.int64)
-        np.cumsum(counts, out=starts[1:])
-        indptr = np.zeros(len(names) + 1, np.int64)
-        np.cumsum(counts[by_name], out=indptr[1:])
-        take = ranges(starts[by_name], counts[by_name])
-        keys = [f"{names[i]}.jpg" for i in by_name]
-        splits[split] = SplitInputs([str(idir / k) for k in keys], keys, indptr, cols[take], vals[take], MISSING)
-    args = {k: str(v) for k, v in dict(train_labels=train_labels, train_images=train_images,
-                                       test_labels=test_labels, test_images=test_images,
-                                       class_descriptions=class_descriptions, trainable=trainable).items()
-            if v is not None}
+        rows, names, ignored[split] = _label_rows(lpath, split, col, desc, rejects)
+        splits[split] = _split_inputs(rows, names, mids, lpath, idir, split, rejects)
+    args = given_args(train_labels=train_labels, train_images=train_images, test_labels=test_labels,
+                      test_images=test_images, class_descriptions=class_descriptions, trainable=trainable)
     return Source("openimages", args, [desc[m] for m in mids], mids, splits, rejects, skipped,
                   notes={"label_rows_outside_class_list": ignored})
+
+
+def _trainable(trainable, desc: dict, class_descriptions) -> list[str]:
+    """The trainable class ids in the list's order, each one described, none repeated."""
+    tpath = need_file(trainable, "--trainable")
+    mids = [m for m, _ in _read_class_table(tpath)]
+    unknown = [m for m in mids if m not in desc]
+    if unknown:
+        raise InputError(f"{tpath}: classes not in {class_descriptions}: {unknown[:5]}")
+    if len(set(mids)) != len(mids):
+        raise InputError(f"{tpath}: duplicate class ids")
+    return mids
+
+
+def _label_rows(lpath: Path, split: str, col: dict, desc: dict, rejects: list):
+    """((image index, column, state, line) arrays of the usable rows, image ids in first-seen order,
+    rows of known classes outside the class list)."""
+    img_index: dict[str, int] = {}
+    rows_img, rows_col, rows_val, rows_line = array("q"), array("i"), array("b"), array("q")
+    n_ignored = 0
+    with open(lpath, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        need = ("ImageID", "LabelName", "Confidence")
+        if header is None or not all(h in header for h in need):
+            raise InputError(f"{lpath}:1: header must name the columns {', '.join(need)} (got {header})")
+        ci, cl, cc = (header.index(h) for h in need)
+        width = len(header)
+        for n, row in enumerate(reader, 2):
+            if len(row) != width:
+                rejects.append(Reject(str(lpath), "malformed_row", f"{len(row)} fields, expected {width}",
+                                      line=n, split=split))
+                continue
+            image, label, conf = row[ci].strip(), row[cl].strip(), row[cc].strip()
+            value = {"1": POS, "0": NEG, "1.0": POS, "0.0": NEG}.get(conf)
+            if not image or value is None:
+                rejects.append(Reject(str(lpath), "malformed_row", f"needs an ImageID and Confidence 0 or 1 "
+                                      f"(got {image!r}, {conf!r})", line=n, split=split))
+                continue
+            if label not in col:
+                if label in desc:
+                    n_ignored += 1
+                else:
+                    rejects.append(Reject(str(lpath), "unknown_class", f"unknown class id {label!r}",
+                                          line=n, split=split))
+                continue
+            rows_img.append(img_index.setdefault(image, len(img_index)))
+            rows_col.append(col[label])
+            rows_val.append(value)
+            rows_line.append(n)
+    arrays = tuple(np.frombuffer(a, dt) if len(a) else np.zeros(0, dt)
+                   for a, dt in ((rows_img, np.int64), (rows_col, np.int32), (rows_val, np.int8), (rows_line, np.int64)))
+    return arrays, list(img_index), n_ignored
+
+
+def _split_inputs(rows, names: list[str], mids: list[str], lpath: Path, idir: Path, split: str,
+                  rejects: list) -> SplitInputs:
+    """The split's CSR inputs, images in name order; a repeated (image, class) row keeps its first."""
+    img, cols, vals, lines = rows
+    order = np.lexsort((lines, cols, img))  # by image, class, then file order
+    img, cols, vals, lines = img[order], cols[order], vals[order], lines[order]
+    dup = np.zeros(len(img), bool)
+    dup[1:] = (img[1:] == img[:-1]) & (cols[1:] == cols[:-1])
+    for k in np.flatnonzero(dup):
+        rejects.append(Reject(str(lpath), "duplicate", f"duplicate label row for image {names[img[k]]} "
+                              f"class {mids[cols[k]]} (first row kept)", line=int(lines[k]), split=split))
+    img, cols, vals = img[~dup], cols[~dup], vals[~dup]
+    counts = np.bincount(img, minlength=len(names))
+    by_name = np.asarray(sorted(range(len(names)), key=names.__getitem__), np.int64)
+    starts = np.zeros(len(names) + 1, np.int64)
+    np.cumsum(counts, out=starts[1:])
+    indptr = np.zeros(len(names) + 1, np.int64)
+    np.cumsum(counts[by_name], out=indptr[1:])
+    take = ranges(starts[by_name], counts[by_name])
+    keys = [f"{names[i]}.jpg" for i in by_name]
+    return SplitInputs([str(idir / k) for k in keys], keys, indptr, cols[take], vals[take], MISSING)
