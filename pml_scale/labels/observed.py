@@ -249,17 +249,7 @@ class ObservedLabels:
         A CSR store with fill 0 is re-expressed with fill -1 (its implied negatives listed)."""
         if self.form == "csr" and self.fill == MISSING:
             return self.indptr, self.indices, self.values, self.shape
-        counts, idx_parts, val_parts = [], [], []
-        for a, block in self.iter_rows(chunk_rows):
-            r, c = np.nonzero(block != MISSING)  # row-major: sorted per row
-            counts.append(np.bincount(r, minlength=block.shape[0]))
-            idx_parts.append(c.astype(np.int32))
-            val_parts.append(block[r, c])
-        indptr = np.zeros(self.num_samples + 1, dtype=np.int64)
-        if counts:
-            np.cumsum(np.concatenate(counts), out=indptr[1:])
-        cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-        return indptr, cat(idx_parts, np.int32), cat(val_parts, np.int8), self.shape
+        return (*csr_of_blocks(self.iter_rows(chunk_rows), self.num_samples), self.shape)
 
     def as_csr(self) -> "ObservedLabels":
         """The same labels in CSR form (self if already CSR)."""
@@ -331,6 +321,31 @@ class SparseColumns:
         cols = np.repeat(np.arange(b - a), np.diff(self._colptr[a:b + 1]))
         out[cols, self._rows[lo:hi]] = self._vals[lo:hi]
         return out
+
+
+def csr_indptr(counts: list[np.ndarray], num_samples: int) -> np.ndarray:
+    """int64 CSR row pointers from the per-row entry counts of consecutive row blocks."""
+    indptr = np.zeros(num_samples + 1, np.int64)
+    if counts:
+        np.cumsum(np.concatenate(counts), out=indptr[1:])
+    return indptr
+
+
+def concat_parts(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """The blocks' parts end to end as ``dtype`` (an empty array when there are none)."""
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def csr_of_blocks(blocks, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr int64, indices int32, values int8) of every entry other than missing in
+    (start, dense block) pairs covering the rows in order; row-major, so sorted per row."""
+    counts, idx_parts, val_parts = [], [], []
+    for _, block in blocks:
+        r, c = np.nonzero(block != MISSING)
+        counts.append(np.bincount(r, minlength=block.shape[0]))
+        idx_parts.append(c.astype(np.int32))
+        val_parts.append(block[r, c])
+    return csr_indptr(counts, num_samples), concat_parts(idx_parts, np.int32), concat_parts(val_parts, np.int8)
 
 
 def block_rows(num_labels: int, elements: int = 1 << 24) -> int:

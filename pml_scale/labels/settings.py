@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from .keys import M64, col_mix, fmix32, row_keys
-from .observed import ObservedLabels, block_rows
+from .observed import ObservedLabels, block_rows, concat_parts, csr_indptr, csr_of_blocks
 from .states import MISSING, POS, check_states, check_values
 
 SETTINGS = ("FAL", "PAL", "PPL", "SPL", "NATIVE")
@@ -191,30 +191,16 @@ def observed_csr(full: "ObservedLabels", setting: str, ratio: float | None = Non
             order = np.lexsort((kc, kr))
             counts.append(np.bincount(kr, minlength=b - a))
             idx_parts.append(kc[order].astype(np.int32))
-        indptr = np.zeros(n + 1, np.int64)
-        if counts:
-            np.cumsum(np.concatenate(counts), out=indptr[1:])
-        indices = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int32)
+        indptr, indices = csr_indptr(counts, n), concat_parts(idx_parts, np.int32)
         return ObservedLabels(csr=(indptr, indices, np.full(indices.size, POS, np.int8), full.shape),
                               source=full.source)
     chunk = int(chunk_rows or block_rows(num_labels))
-    counts, idx_parts, val_parts = [], [], []
     blocks = full.iter_rows(chunk)
     if progress:
         from tqdm import tqdm
         blocks = tqdm(blocks, total=-(-n // chunk), desc=f"observed {name}", unit="chunk")
-    for a, block in blocks:
-        drawn = draw_block(block, a, name, r, int(seed))
-        rr, cc = np.nonzero(drawn != MISSING)
-        counts.append(np.bincount(rr, minlength=block.shape[0]))
-        idx_parts.append(cc.astype(np.int32))
-        val_parts.append(drawn[rr, cc])
-    indptr = np.zeros(n + 1, np.int64)
-    if counts:
-        np.cumsum(np.concatenate(counts), out=indptr[1:])
-    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-    return ObservedLabels(csr=(indptr, cat(idx_parts, np.int32), cat(val_parts, np.int8), full.shape),
-                          source=full.source)
+    drawn = ((a, draw_block(block, a, name, r, int(seed))) for a, block in blocks)
+    return ObservedLabels(csr=(*csr_of_blocks(drawn, n), full.shape), source=full.source)
 
 
 def draw_block(chunk: np.ndarray, start: int, name: str, ratio: float | None, seed: int) -> np.ndarray:
