@@ -372,7 +372,7 @@ def test_label_thread_failure_stops_the_run_and_commits_nothing_half_written(tin
     err = proc.stderr
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert f"injected I/O error in {what} call {nth}" in err, err[-3000:]
-    assert "label_traffic.py" in err and ("_scatter" in err if what == "scatter" else "_gather" in err), err[-3000:]
+    assert "labels/traffic.py" in err and ("_scatter" in err if what == "scatter" else "_gather" in err), err[-3000:]
     assert "LabelTrafficError: the label thread failed in the " in err, err[-3000:]
     steps = _train_steps(run_dir)
     # raised by the step after the one that queued the failed task: gather 9 is queued in step 8

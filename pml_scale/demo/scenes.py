@@ -21,7 +21,7 @@ ORIENTATIONS = {"up": 0, "left": 1, "right": 3}  # quarter turns counter-clockwi
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """The statistics of one embedded dataset (see the module docstring)."""
+    """The statistics of one embedded dataset (the two are described in ``demo.digits``)."""
 
     name: str
     orientations: tuple[str, ...]  # () = upright only, no orientation in the class name
