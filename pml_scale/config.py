@@ -180,7 +180,7 @@ class PseudoConfig(_Section):
     dir: Optional[str] = None  # node-local folder for the store; default: the run folder
     sync: Literal["allgather", "affinity"] = "allgather"
     init: Literal["half", "prior"] = "half"  # initial pseudo labels: 0.5 (the paper) or the class prior (ours+)
-    # versioned: two stores by epoch parity, a checkpoint copies no N x L (stores.VersionedPseudoStore);
+    # versioned: two stores by epoch parity, a checkpoint copies no N x L (labels.stores.VersionedPseudoStore);
     # copy: one store, every checkpoint holds a full (sparse) copy of it
     snapshot: Literal["versioned", "copy"] = "versioned"
     dtype: Literal["fp16", "uint8"] = "fp16"  # uint8: y~ quantised to 1/255 (half the store's disk and page cache)

@@ -1,7 +1,7 @@
 """Input pipelines: DALI on GPU, DALI on CPU, or PIL + torch DataLoader, all fed by our plan.
 
 Every backend reads the same thing in the same order: ``plan.make_plan`` decides the ids of
-each batch of each rank, ``index.SampleIndex`` says where they are, and the bytes are read by
+each batch of each rank, ``shards.index.SampleIndex`` says where they are, and the bytes are read by
 ``os.preadv`` at those offsets. Backends differ only in decoding and augmentation:
 
 * ``dali``      a batch-mode external source in this process (``batch_source.PlanSource``:
