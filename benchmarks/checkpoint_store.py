@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pml_scale.stores import sparse_copy  # noqa: E402
+from pml_scale.atomic import commit  # noqa: E402
+from pml_scale.labels.stores import sparse_copy  # noqa: E402
 
 FICLONE = 0x40049409
 FULL = 5_600_000 * 9605 * 2
@@ -59,7 +60,7 @@ def main() -> int:
         mm[s:s + 4096] = rng.random((min(4096, n - s), L), dtype=np.float32) - 0.5
     mm.flush()
     del mm
-    os.replace(work / "tmp.npy", src)  # .npy header: a few bytes more, irrelevant here
+    commit(work / "tmp.npy", src, fsync=False)  # .npy header: a few bytes more, irrelevant here
     _drop(src)
     fs = os.popen(f"df -T {work} | tail -1").read().split()
     results = []

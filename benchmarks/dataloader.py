@@ -45,8 +45,8 @@ class ReaderLoader:
                  decode: bool = True, device: torch.device, hw_decoder_load: float | None = None):
         from nvidia.dali import fn, pipeline_def, types
 
-        from pml_scale.data.format import index_name_for, read_manifest, split_shards
-        from pml_scale.imagenet import IMAGENET_MEAN, IMAGENET_STD
+        from pml_scale.data.shards.format import index_name_for, read_manifest, split_shards
+        from pml_scale.imagenet import UINT8_MEAN, UINT8_STD
 
         shards = [str(p) for p in split_shards(root, read_manifest(root), split)]
         self.device, self.batch_size, self.decode = device, batch_size, decode
@@ -65,7 +65,7 @@ class ReaderLoader:
             img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
             img = fn.crop_mirror_normalize(img, dtype=types.FLOAT16, output_layout="CHW",
                                            mirror=fn.random.coin_flip(probability=0.5),
-                                           mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+                                           mean=UINT8_MEAN, std=UINT8_STD)
             return img, sid
 
         self.pipe = graph()
@@ -82,7 +82,7 @@ class ReaderLoader:
 
     def __iter__(self):
         """``epoch_size`` batches; the reader wraps around by itself, so an epoch is a count."""
-        from pml_scale.data.loaders import _dali_to_torch
+        from pml_scale.data.input.loaders import _dali_to_torch
 
         pipe = self.pipe
         if not self._started:
@@ -105,10 +105,10 @@ class PassthroughLoader:
     def __init__(self, root: str, split: str, *, batch_size: int, workers: int, device: torch.device):
         from nvidia.dali import fn, pipeline_def, types
 
-        from pml_scale.data.batch_source import PlanSource
-        from pml_scale.data.loaders import source_threads
-        from pml_scale.data.plan import make_plan
-        from pml_scale.data.index import SampleIndex
+        from pml_scale.data.input.batch_source import PlanSource
+        from pml_scale.data.input.loaders import source_threads
+        from pml_scale.data.input.plan import make_plan
+        from pml_scale.data.shards.index import SampleIndex
 
         self.index = SampleIndex.load(root, split)
         self.shard_ids = self.index.shard_ids()
@@ -137,7 +137,7 @@ class PassthroughLoader:
         self.epoch = epoch
 
     def __iter__(self):
-        from pml_scale.data.loaders import drain_pipeline
+        from pml_scale.data.input.loaders import drain_pipeline
 
         plan = self.make_plan(self.shard_ids, seed=0, epoch=self.epoch, rank=0, world_size=1,
                               batch_size=self.batch_size, train=True)
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    from pml_scale.data.loaders import LoaderConfig, build_loader, dali_importable
+    from pml_scale.data.input import LoaderConfig, build_loader, dali_importable
 
     have_dali = dali_importable()
     if args.backends == "all":
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     root = args.root
     gen_s = 0.0
     if root is None:
-        from pml_scale.data.synthetic import make_synthetic_dataset
+        from pml_scale.demo.synthetic import make_synthetic_dataset
 
         tmp = tempfile.TemporaryDirectory(prefix="pml-bench-")
         root = tmp.name
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         gen_s = time.perf_counter() - t0
         print(f"generated {args.images} {w}x{h} JPEGs in {gen_s:.1f} s ({os.cpu_count()} processes)", flush=True)
     tars = sorted(Path(root).glob(f"{args.split}-*.tar"))
-    from pml_scale.data.format import read_manifest
+    from pml_scale.data.shards.format import read_manifest
 
     samples = read_manifest(root)["splits"][args.split]["num_samples"]
     jpeg_kb = sum(t.stat().st_size for t in tars) / 1024 / max(1, samples)

@@ -77,7 +77,7 @@ cat "$WORK/env.txt"
 
 step generate "$T_GEN" $PY -c "
 import time
-from pml_scale.data.synthetic import make_synthetic_dataset
+from pml_scale.demo.synthetic import make_synthetic_dataset
 t = time.perf_counter()
 make_synthetic_dataset('$WORK/data', images=$IMAGES, test_images=$TEST, classes=$CLASSES,
                        size=tuple(int(v) for v in '$SRC'.split('x')), shard_size=512, progress=False)

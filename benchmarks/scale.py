@@ -80,11 +80,11 @@ def one(L: int, a) -> dict:
     import torch
 
     from pml_scale.atomic import atomic_save_npz
-    from pml_scale.data.label_traffic import LabelTraffic
+    from pml_scale.labels.traffic import LabelTraffic
     from pml_scale.evaluate import score
     from pml_scale.labels import ObservedLabels
     from pml_scale.losses import LossInputs, build_loss
-    from pml_scale.stores import VersionedPseudoStore, sparse_copy
+    from pml_scale.labels.stores import VersionedPseudoStore, sparse_copy
     from pml_scale.losses.paper import paper_host_counts
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

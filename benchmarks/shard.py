@@ -2,7 +2,7 @@
 
 Generates ``--count`` 640x480 JPEGs (smooth colour fields + texture + noise, quality 90: sizes
 near real photos, unlike pure noise), lists them in a csv, and times the real converter
-(``pml_scale.data.convert.convert``: check phase = PIL verify + full decode, then write)
+(``pml_scale.data.shards.convert.convert``: check phase = PIL verify + full decode, then write)
 for each worker count, in two modes:
 
     passthrough   original JPEG bytes copied into the shards
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pml_scale.data.convert import convert
-from pml_scale.data.sources import parse_list
+from pml_scale.data.shards.convert import convert
+from pml_scale.data.shards.sources import parse_list
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> Path:

@@ -38,7 +38,7 @@ def bare_rate(cfg, classes: int, *, steps: int, warmup: int = 3) -> tuple[float,
     compiled model compiles) are timed apart."""
     import deepspeed
 
-    from pml_scale.config import deepspeed_config
+    from pml_scale.deepspeed_config import deepspeed_config
     from pml_scale.distributed import disable_deepspeed_cpu_shm_op, setup_distributed
     from pml_scale.model import build_model
     from pml_scale.engine import DTYPES, engine_config, finish_engine
@@ -122,9 +122,9 @@ def label_traffic_bench(rows: int, labels: int, batch: int, world: int, steps: i
     the main thread's time is what the step pays."""
     import numpy as np
 
-    from pml_scale.data.label_traffic import BatchLabels, LabelTraffic
+    from pml_scale.labels.traffic import BatchLabels, LabelTraffic
     from pml_scale.labels import ObservedLabels
-    from pml_scale.stores import PseudoLabelStore
+    from pml_scale.labels.stores import PseudoLabelStore
     from pml_scale.losses import build_training_loss
 
     class Rows:  # what LabelTraffic reads of a batch
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         root = Path(args.root) if args.root else Path(tmp) / "data"
         gen_s = 0.0
         if not args.root:
-            from pml_scale.data.synthetic import make_synthetic_dataset
+            from pml_scale.demo.synthetic import make_synthetic_dataset
 
             w, h = (int(v) for v in args.source_size.lower().split("x"))
             t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """Atomic file writes: temp file in the same folder, fsync, rename. A reader (or a resumed
 job) never sees a half-written file, whatever moment the writer is killed at.
 
-``atomic_path`` is the one place that tail is written; the helpers below and every writer that
-needs a path (memmaps, sparse copies) go through it. A write that fails (disk full, file size
+``commit`` is the one place that tail is written; ``atomic_path`` (a temp path to write, committed
+on a clean exit) and the helpers below use it, and so does every writer that needs a path (memmaps,
+sparse copies, shard tars, symlinks). A write that fails (disk full, file size
 limit) is reported by :class:`WriteFailed`: the file, the bytes it needed, the bytes free.
 """
 
@@ -19,17 +20,31 @@ from typing import Iterator
 import numpy as np
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path`` for the caller to write and close. On a clean exit it
-    is fsynced and renamed over ``path``; on any error it is removed and ``path`` is untouched."""
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temp name beside ``path`` that an atomic write of it uses (``.<name>.tmp-<pid>``:
+    hidden, and a killed writer's leftovers are found by the ``.*.tmp-*`` pattern)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike, *, fsync: bool = True) -> None:
+    """The tail of every atomic write: make the finished temp file durable (``fsync=False`` when
+    the writer already did, through its own handle, or for a symlink), then rename it over ``path``."""
+    if fsync:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for the caller to write and close. On a clean exit it
+    is committed (fsynced, renamed over ``path``); on any error it is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        commit(tmp, path, fsync=fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
-import json
 import re
 import types
 import typing
@@ -33,6 +31,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_text
+from .config_errors import explain
 
 INCLUDE_KEYS = ("include", "defaults")
 
@@ -135,7 +134,7 @@ class DataConfig(_Section):
     # test split is read once, at the end (eval.test)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     val_seed: Optional[int] = None
-    feature_cache: bool = False  # cache the output of the model.frozen_stages frozen units once (data.features)
+    feature_cache: bool = False  # cache the output of the model.frozen_stages frozen units once (data.input.features)
 
 
 class ModelConfig(_Section):
@@ -182,7 +181,7 @@ class PseudoConfig(_Section):
     dir: Optional[str] = None  # node-local folder for the store; default: the run folder
     sync: Literal["allgather", "affinity"] = "allgather"
     init: Literal["half", "prior"] = "half"  # initial pseudo labels: 0.5 (the paper) or the class prior (ours+)
-    # versioned: two stores by epoch parity, a checkpoint copies no N x L (stores.VersionedPseudoStore);
+    # versioned: two stores by epoch parity, a checkpoint copies no N x L (labels.stores.VersionedPseudoStore);
     # copy: one store, every checkpoint holds a full (sparse) copy of it
     snapshot: Literal["versioned", "copy"] = "versioned"
     dtype: Literal["fp16", "uint8"] = "fp16"  # uint8: y~ quantised to 1/255 (half the store's disk and page cache)
@@ -222,10 +221,10 @@ def _plain(obj):
     return obj
 
 
-def _deep_merge(dst: dict, src: dict) -> dict:
+def deep_merge(dst: dict, src: dict) -> dict:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
+            deep_merge(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
     return dst
@@ -257,7 +256,7 @@ class _Layers:
             node = node[k]
         old = node.get(keys[-1])
         if merge_dicts and isinstance(old, dict) and isinstance(value, dict):
-            _deep_merge(old, value)
+            deep_merge(old, value)
         else:
             node[keys[-1]] = copy.deepcopy(value)
         for n in range(1, len(keys) + 1):
@@ -267,75 +266,9 @@ class _Layers:
         try:
             return Config.model_validate(self.tree)
         except ValidationError as e:
-            lines = [self._explain(tuple(str(k) for k in err["loc"]), err) for err in e.errors()]
+            lines = [explain(Config, self.tree, self.origin, tuple(str(k) for k in err["loc"]), err)
+                     for err in e.errors()]
             raise ConfigError("\n".join(dict.fromkeys(lines))) from None
-
-    def _explain(self, loc: tuple, err: dict) -> str:
-        """One pydantic error in the user's terms: key path, origin, what is accepted."""
-        model, n = Config, 1  # walk down to the model that holds the failing key
-        while n < len(loc) and _is_model(model.model_fields.get(loc[n - 1])):
-            model, n = model.model_fields[loc[n - 1]].annotation, n + 1
-        origin = next((self.origin[loc[:k]] for k in range(n, 0, -1) if loc[:k] in self.origin), "the defaults")
-        key = ".".join(loc[:n])
-        if err["type"] == "extra_forbidden":
-            return _unknown(".".join(loc[:n - 1]), loc[n - 1], list(model.model_fields), origin)
-        field, value = model.model_fields[loc[n - 1]], self.tree
-        for k in loc[:n]:
-            value = value[k]
-        if _is_model(field):
-            return f"'{key}' is a section: give a mapping of its keys (from {origin}), got {value!r}"
-        if isinstance(value, dict) and value and field.annotation is not dict:
-            return f"'{key}' is a plain value, it has no key '{next(iter(value))}' (from {origin})"
-        if err["type"] == "literal_error":
-            accepted = ", ".join(str(v) for v in _literals(field.annotation))
-        elif err["type"] == "value_error":
-            accepted = str(err["ctx"]["error"])
-        elif err["type"] in ("greater_than_equal", "less_than_equal", "less_than", "greater_than"):
-            return f"{key}: {value!r} is out of range {_bounds(field.metadata)} (from {origin})"
-        elif field.annotation is dict:
-            return f"{key}: expected a mapping, got {value!r} (from {origin})"
-        else:
-            hint = " (use true or false)" if "bool" in _type_name(field.annotation) else ""
-            return (f"{key}: expected {_type_name(field.annotation)}, got {value!r} "
-                    f"({type(value).__name__}) from {origin}{hint}")
-        return f"{key}: {value!r} is not accepted (from {origin}); accepted values: {accepted}"
-
-
-def _is_model(field) -> bool:
-    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-
-
-def _literals(tp) -> list:
-    if typing.get_origin(tp) is Literal:
-        return list(typing.get_args(tp))
-    return [v for a in typing.get_args(tp) for v in _literals(a)]
-
-
-def _unknown(path: str, key: str, valid: list[str], origin: str) -> str:
-    prefix = f"{path}." if path else ""
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-    what = f"keys of '{path}'" if path else "sections of the config"
-    return f"unknown key '{prefix}{key}' (from {origin}).{hint} Valid {what}: {', '.join(valid)}"
-
-
-def _bounds(metadata: list) -> str:
-    """``[lo, hi]`` / ``[lo, hi)`` / ``[lo, inf]`` from a field's ``ge``/``le``/``lt`` constraints."""
-    def get(name):
-        return next((getattr(m, name) for m in metadata if hasattr(m, name)), None)
-
-    lo, le, lt = get("ge"), get("le"), get("lt")
-    hi = lt if lt is not None else (le if le is not None else "inf")
-    return f"[{lo}, {hi}{')' if lt is not None else ']'}"
-
-
-def _type_name(tp) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if typing.get_origin(tp) is tuple:
-        return f"list of {len(args)} {_type_name(args[0])}"
-    return getattr(tp, "__name__", str(tp))
 
 
 def config_from_dict(tree: dict, origin: str = "a dict") -> Config:
@@ -421,64 +354,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 def save_resolved(cfg: Config, path: str | Path) -> None:
     """Atomic YAML of the full resolved config; ``load_config(path)`` gives it back."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False))
-
-
-# ----------------------------------------------------------------------------- DeepSpeed
-
-_FORBIDDEN_DS = ("optimizer", "scheduler")
-
-
-def deepspeed_config(cfg: Config, *, world_size: int) -> dict:
-    """DeepSpeed JSON for this run: JSON file < generated keys < ``deepspeed.extra``.
-
-    No "optimizer"/"scheduler": the trainer passes a torch optimizer and its own schedule,
-    so DeepSpeed builds (and JIT-compiles) no optimizer op.
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
-    ds = cfg.deepspeed
-    base: dict = {}
-    if ds.config:
-        p = Path(ds.config)
-        try:
-            base = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"deepspeed.config: file not found: {p}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"deepspeed.config: JSON error in {p} line {e.lineno}: {e.msg}") from None
-        if not isinstance(base, dict):
-            raise ConfigError(f"deepspeed.config: {p} must hold a JSON object")
-    mb = cfg.data.batch_size
-    generated = {
-        "train_micro_batch_size_per_gpu": mb,
-        "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": mb * ds.grad_accum * world_size,
-        "gradient_clipping": ds.grad_clip,
-        "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed quiet
-        "wall_clock_breakdown": False,
-        "bf16": {"enabled": cfg.model.dtype == "bf16"},
-        "fp16": {"enabled": cfg.model.dtype == "fp16"},
-        "zero_optimization": {"stage": ds.zero_stage},
-    }
-    out = _deep_merge(_deep_merge(copy.deepcopy(base), generated), ds.extra)
-    for k in _FORBIDDEN_DS:
-        if k in out:
-            src = "deepspeed.extra" if k in ds.extra else f"deepspeed.config ({ds.config})"
-            raise ConfigError(
-                f"DeepSpeed key '{k}' in {src} is not supported: the trainer passes a torch "
-                f"optimizer and schedule (set optim.* instead)"
-            )
-    for k, want, name in (
-        ("train_micro_batch_size_per_gpu", mb, "data.batch_size"),
-        ("gradient_accumulation_steps", ds.grad_accum, "deepspeed.grad_accum"),
-        ("train_batch_size", mb * ds.grad_accum * world_size, "data.batch_size x grad_accum x world"),
-    ):
-        if out.get(k) != want:
-            raise ConfigError(
-                f"deepspeed.extra sets '{k}'={out.get(k)!r} but the loader uses {want} ({name}); "
-                f"set {name} instead"
-            )
-    return out
 
 
 # ----------------------------------------------------------------------------- command line

@@ -76,14 +76,6 @@ def disable_deepspeed_cpu_shm_op() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over all ranks (no-op in a world of one)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped (B, ...) tensors from every rank along dim 0, rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

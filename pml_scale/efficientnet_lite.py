@@ -13,7 +13,7 @@ other (``input_affine``), and the same loaders serve every backbone.
 ``units()`` cuts the network into 9 sequential units (stem, the 7 block stages, the conv head
 with global pooling): ``model.frozen_stages = k`` freezes the first k (eval-mode BatchNorm, no
 gradients), and with ``data.feature_cache`` their output is computed once per image and flip
-and stored (``pml_scale.data.features``), so training runs only the rest.
+and stored (``pml_scale.data.input.features``), so training runs only the rest.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from .config import deepspeed_config
+from .deepspeed_config import deepspeed_config
+from .dtypes import DTYPES
 from .model import build_model
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_engine(cfg, dist_info, data):

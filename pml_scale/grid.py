@@ -125,27 +125,55 @@ def load_method(methods_dir: Path, name: str) -> Entry:
     return Entry(label=str(obj.get("label", name)), overrides=_overrides(obj.get("overrides"), f"{path}: overrides"))
 
 
+SPEC_KEYS = {"name", "description", "datasets", "settings", "methods", "methods_dir", "seeds", "overrides",
+             "exclude", "tables"}
+
+
 def load_spec(path: str | Path) -> GridSpec:
     """Parse and validate a grid spec. Relative paths in it resolve against the spec's folder."""
     path = Path(path).resolve()
+    obj = _read_spec(path)
+    base = path.parent
+    datasets = _datasets(obj["datasets"], path, base)
+    settings = _names(obj["settings"], f"{path}: settings", "setting")
+    for s in settings:
+        if not SETTING_RE.match(s):
+            raise SpecError(f"{path}: settings: {s!r} is not a setting; accepted: {SETTINGS_HELP}")
+    methods_dir = (base / obj.get("methods_dir", "../methods")).resolve()
+    methods = {m: load_method(methods_dir, m) for m in _names(obj["methods"], f"{path}: methods", "method")}
+    seeds = obj.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise SpecError(f"{path}: seeds: expected a list of distinct non-negative integers, got {seeds!r}")
+    exclude = _exclude_rules(obj.get("exclude") or [], path)
+    tables = _tables(obj.get("tables") or [], path, datasets, settings, methods)
+    name = obj.get("name", path.stem)
+    if not isinstance(name, str) or not NAME_RE.match(name.replace("-", "_")):
+        raise SpecError(f"{path}: name: {name!r} must be letters, digits, '_', '-' or '.'")
+    return GridSpec(path=path, name=name, datasets=datasets, settings=settings, methods=methods, seeds=seeds,
+                    overrides=_overrides(obj.get("overrides"), f"{path}: overrides"), exclude=exclude, tables=tables)
+
+
+def _read_spec(path: Path) -> dict:
+    """The spec's YAML mapping, its keys checked (unknown ones refused, required ones present)."""
     try:
         obj = yaml.safe_load(path.read_text())
     except OSError as e:
         raise SpecError(f"grid spec {path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise SpecError(f"grid spec {path}: not valid YAML ({e})") from None
-    allowed = {"name", "description", "datasets", "settings", "methods", "methods_dir", "seeds", "overrides",
-               "exclude", "tables"}
     if not isinstance(obj, dict):
-        raise SpecError(f"{path}: expected a mapping with keys {sorted(allowed)}")
-    if set(obj) - allowed:
-        raise SpecError(f"{path}: unknown keys {sorted(set(obj) - allowed)}; accepted: {sorted(allowed)}")
+        raise SpecError(f"{path}: expected a mapping with keys {sorted(SPEC_KEYS)}")
+    if set(obj) - SPEC_KEYS:
+        raise SpecError(f"{path}: unknown keys {sorted(set(obj) - SPEC_KEYS)}; accepted: {sorted(SPEC_KEYS)}")
     for k in ("datasets", "settings", "methods"):
         if k not in obj:
             raise SpecError(f"{path}: missing key {k!r}")
-    base = path.parent
+    return obj
 
-    dsets = obj["datasets"]
+
+def _datasets(dsets, path: Path, base: Path) -> dict[str, Entry]:
+    """``datasets``: name -> config path, or {config, label, overrides}; configs resolved against ``base``."""
     if not isinstance(dsets, dict) or not dsets:
         raise SpecError(f"{path}: datasets: expected a mapping name -> config path or "
                         f"{{config, label, overrides}}, got {dsets!r}")
@@ -161,20 +189,13 @@ def load_spec(path: str | Path) -> GridSpec:
             raise SpecError(f"{where}: config file {cfg} does not exist")
         datasets[dn] = Entry(label=str(dv.get("label", dn)), config=cfg,
                              overrides=_overrides(dv.get("overrides"), f"{where}.overrides"))
+    return datasets
 
-    settings = _names(obj["settings"], f"{path}: settings", "setting")
-    for s in settings:
-        if not SETTING_RE.match(s):
-            raise SpecError(f"{path}: settings: {s!r} is not a setting; accepted: {SETTINGS_HELP}")
-    methods_dir = (base / obj.get("methods_dir", "../methods")).resolve()
-    methods = {m: load_method(methods_dir, m) for m in _names(obj["methods"], f"{path}: methods", "method")}
-    seeds = obj.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise SpecError(f"{path}: seeds: expected a list of distinct non-negative integers, got {seeds!r}")
 
+def _exclude_rules(rules, path: Path) -> list[dict]:
+    """``exclude``: a list of {cell field: glob pattern(s)}; a cell matching every field of a rule is left out."""
     exclude = []
-    for i, rule in enumerate(obj.get("exclude") or []):
+    for i, rule in enumerate(rules):
         where = f"{path}: exclude[{i}]"
         if not isinstance(rule, dict) or not rule or set(rule) - set(CELL_FIELDS):
             raise SpecError(f"{where}: expected a mapping over {CELL_FIELDS} to glob pattern(s), got {rule!r}")
@@ -185,8 +206,11 @@ def load_spec(path: str | Path) -> GridSpec:
                 raise SpecError(f"{where}.{k}: expected a pattern or a list of patterns, got {rule[k]!r}")
             pats[k] = [str(p) for p in v]
         exclude.append(pats)
+    return exclude
 
-    tables = obj.get("tables") or []
+
+def _tables(tables, path: Path, datasets: dict, settings: list, methods: dict) -> list:
+    """``tables``: each names only datasets, settings and methods (and a reference method) of the grid."""
     if not isinstance(tables, list):
         raise SpecError(f"{path}: tables: expected a list, got {tables!r}")
     for i, t in enumerate(tables):
@@ -198,11 +222,7 @@ def load_spec(path: str | Path) -> GridSpec:
             if unknown:
                 raise SpecError(f"{where}.{k}: {unknown} not in the grid's {k if k != 'reference' else 'methods'} "
                                 f"({', '.join(map(str, known))})")
-    name = obj.get("name", path.stem)
-    if not isinstance(name, str) or not NAME_RE.match(name.replace("-", "_")):
-        raise SpecError(f"{path}: name: {name!r} must be letters, digits, '_', '-' or '.'")
-    return GridSpec(path=path, name=name, datasets=datasets, settings=settings, methods=methods, seeds=seeds,
-                    overrides=_overrides(obj.get("overrides"), f"{path}: overrides"), exclude=exclude, tables=tables)
+    return tables
 
 
 # --------------------------------------------------------------------------------- expansion
@@ -313,125 +333,147 @@ def run_cells(jobs: list[tuple[Cell, list[str]]], out_dir: Path, *, parallel: in
     if devices is not None and len(devices) < parallel:
         raise ValueError(f"--devices lists {len(devices)} device groups but --parallel is {parallel}; "
                          f"give at least one group per parallel slot")
-    out_dir = Path(out_dir)
-    free_devices = list(devices) if devices else None
-    pending = list(jobs)
-    running: list[_Running] = []
-    result: dict[str, str] = {}
-    durations: list[float] = []
-    total, finished = len(jobs), 0
+    runner = _Runner(jobs, Path(out_dir), parallel, devices, stagger, primed, log)
+    try:
+        while runner.pending or runner.running:
+            runner.note_prepared()
+            runner.start_ready()
+            time.sleep(0.05 if runner.running else 0)
+            runner.reap()
+    except KeyboardInterrupt:
+        runner.interrupt(grace_s)
+        raise
+    return runner.result
 
-    def record(r: _Running, status: str, rc: int | None) -> None:
-        atomic_write_json(out_dir / r.cell.name / "grid_status.json", {
+
+class _Runner:
+    """The state of one ``run_cells`` call: cells waiting, cells running, free devices, results."""
+
+    def __init__(self, jobs, out_dir: Path, parallel: int, devices, stagger: bool, primed, log):
+        self.out_dir, self.parallel, self.stagger, self.log = out_dir, parallel, stagger, log
+        self.free_devices = list(devices) if devices else None
+        self.pending = list(jobs)
+        self.running: list[_Running] = []
+        self.result: dict[str, str] = {}
+        self.durations: list[float] = []
+        self.total, self.finished = len(jobs), 0
+        self.primed = set(primed or ())
+        for cell, _ in jobs:  # an earlier attempt got past data preparation
+            if (out_dir / cell.name / "metrics.jsonl").exists():
+                self.primed |= {cell.dataset, (cell.dataset, cell.setting)}
+
+    def record(self, r: _Running, status: str, rc: int | None) -> None:
+        atomic_write_json(self.out_dir / r.cell.name / "grid_status.json", {
             "status": status, "returncode": rc, "attempts": r.attempts, "started": r.t0,
             "ended": time.time() if status != "running" else None, "command": r.command, "device": r.device})
 
-    def release(r: _Running) -> None:
+    def release(self, r: _Running) -> None:
         r.log.close()
         r.lock.close()
-        if free_devices is not None:
-            free_devices.append(r.device)
+        if self.free_devices is not None:
+            self.free_devices.append(r.device)
 
-    primed = set(primed or ())
-    for cell, _ in jobs:  # an earlier attempt got past data preparation
-        if (out_dir / cell.name / "metrics.jsonl").exists():
-            primed |= {cell.dataset, (cell.dataset, cell.setting)}
-
-    def ready(cell: Cell) -> bool:
-        if not stagger:
+    def ready(self, cell: Cell) -> bool:
+        """False while another running cell of its dataset, or of its (dataset, setting), still prepares."""
+        if not self.stagger:
             return True
         for key in (cell.dataset, (cell.dataset, cell.setting)):
-            if key not in primed and any(key in (r.cell.dataset, (r.cell.dataset, r.cell.setting)) for r in running):
+            if key not in self.primed and any(key in (r.cell.dataset, (r.cell.dataset, r.cell.setting))
+                                              for r in self.running):
                 return False
         return True
 
-    try:
-        while pending or running:
-            for r in running:
-                if (out_dir / r.cell.name / "metrics.jsonl").exists():
-                    primed |= {r.cell.dataset, (r.cell.dataset, r.cell.setting)}
-            while len(running) < parallel:
-                nxt = next((i for i, (c, _) in enumerate(pending) if ready(c)), None)
-                if nxt is None:
-                    break
-                cell, cmd = pending.pop(nxt)
-                run_dir = out_dir / cell.name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                lock = open(run_dir / ".grid.lock", "w")
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    lock.close()
-                    finished += 1
-                    result[cell.name] = "busy"
-                    log(f"[{finished}/{total}] busy     {cell.name}  (another runner holds it)")
-                    continue
-                if report.load_summary(run_dir) is not None:  # finished meanwhile by another runner
-                    lock.close()
-                    finished += 1
-                    result[cell.name] = "done"
-                    log(f"[{finished}/{total}] done     {cell.name}  (finished by another runner)")
-                    continue
-                device = free_devices.pop(0) if free_devices is not None else None
-                env = dict(os.environ, PYTHONUNBUFFERED="1")
-                if device is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = device
-                logf = open(run_dir / "grid.log", "a")
-                logf.write(f"\n==== grid runner {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
-                logf.flush()
-                attempts = _read_attempts(run_dir) + 1
-                try:
-                    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True)
-                except OSError as e:
-                    logf.write(f"cannot start: {e}\n")
-                    r = _Running(cell, None, logf, lock, time.time(), attempts, cmd, device)
-                    record(r, "failed", None)
-                    release(r)
-                    finished += 1
-                    result[cell.name] = "failed"
-                    log(f"[{finished}/{total}] FAILED   {cell.name}  cannot start {cmd[0]!r}: {e.strerror}")
-                    continue
-                r = _Running(cell, proc, logf, lock, time.time(), attempts, cmd, device)
-                record(r, "running", None)
-                running.append(r)
-                log(f"[start]  {cell.name}" + (f"  (device {device})" if device is not None else "")
-                    + (f"  attempt {attempts}" if attempts > 1 else ""))
-            time.sleep(0.05 if running else 0)
-            for r in list(running):
-                rc = r.proc.poll()
-                if rc is None:
-                    continue
-                running.remove(r)
-                primed |= {r.cell.dataset, (r.cell.dataset, r.cell.setting)}  # whatever happened, it is over
-                dt = time.time() - r.t0
-                summary = report.load_summary(out_dir / r.cell.name)
-                status = "done" if summary is not None else "failed"
-                record(r, status, rc)
-                release(r)
-                finished += 1
-                result[r.cell.name] = status
-                if status == "done":
-                    durations.append(dt)
-                    left = total - finished
-                    eta = (sum(durations) / len(durations)) * left / parallel if left else 0.0
-                    best = summary.get("best_map")
-                    log(f"[{finished}/{total}] done     {r.cell.name}  final mAP {100 * summary['final_map']:.1f}"
-                        + (f"  best {100 * best:.1f}" if isinstance(best, (int, float)) else "")
-                        + f"  {_fmt_s(dt)}" + (f"  eta {_fmt_s(eta)}" if left else ""))
-                else:
-                    why = f"exit code {rc}" if rc != 0 else "exit code 0 but no valid summary.json"
-                    log(f"[{finished}/{total}] FAILED   {r.cell.name}  {why}; log: {out_dir / r.cell.name / 'grid.log'}")
-    except KeyboardInterrupt:
-        _stop(running, grace_s)
-        for r in running:  # a run that wrote summary.json before it stopped did finish
-            status = "done" if report.load_summary(out_dir / r.cell.name) is not None else "interrupted"
-            record(r, status, r.proc.returncode)
-            release(r)
-            result[r.cell.name] = status
-        log(f"interrupted: stopped {len(running)} running cell(s); they will run again on the next invocation")
-        raise
-    return result
+    def note_prepared(self) -> None:
+        """A running cell whose metrics.jsonl exists is past its data preparation."""
+        for r in self.running:
+            if (self.out_dir / r.cell.name / "metrics.jsonl").exists():
+                self.primed |= {r.cell.dataset, (r.cell.dataset, r.cell.setting)}
+
+    def _settle(self, cell: Cell, status: str, line: str) -> None:
+        """A cell that ends without (further) running: count it, keep its status, log its line."""
+        self.finished += 1
+        self.result[cell.name] = status
+        self.log(f"[{self.finished}/{self.total}] {line}")
+
+    def start_ready(self) -> None:
+        """Start ready cells until every parallel slot is busy or none is ready."""
+        while len(self.running) < self.parallel:
+            nxt = next((i for i, (c, _) in enumerate(self.pending) if self.ready(c)), None)
+            if nxt is None:
+                break
+            self._start(*self.pending.pop(nxt))
+
+    def _start(self, cell: Cell, cmd: list[str]) -> None:
+        run_dir = self.out_dir / cell.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".grid.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return self._settle(cell, "busy", f"busy     {cell.name}  (another runner holds it)")
+        if report.load_summary(run_dir) is not None:  # finished meanwhile by another runner
+            lock.close()
+            return self._settle(cell, "done", f"done     {cell.name}  (finished by another runner)")
+        device = self.free_devices.pop(0) if self.free_devices is not None else None
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        logf = open(run_dir / "grid.log", "a")
+        logf.write(f"\n==== grid runner {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+        logf.flush()
+        attempts = _read_attempts(run_dir) + 1
+        try:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        except OSError as e:
+            logf.write(f"cannot start: {e}\n")
+            r = _Running(cell, None, logf, lock, time.time(), attempts, cmd, device)
+            self.record(r, "failed", None)
+            self.release(r)
+            return self._settle(cell, "failed", f"FAILED   {cell.name}  cannot start {cmd[0]!r}: {e.strerror}")
+        r = _Running(cell, proc, logf, lock, time.time(), attempts, cmd, device)
+        self.record(r, "running", None)
+        self.running.append(r)
+        self.log(f"[start]  {cell.name}" + (f"  (device {device})" if device is not None else "")
+                 + (f"  attempt {attempts}" if attempts > 1 else ""))
+
+    def reap(self) -> None:
+        """Record every child that has exited: done (a valid summary.json) or failed."""
+        for r in list(self.running):
+            rc = r.proc.poll()
+            if rc is None:
+                continue
+            self.running.remove(r)
+            self.primed |= {r.cell.dataset, (r.cell.dataset, r.cell.setting)}  # whatever happened, it is over
+            dt = time.time() - r.t0
+            summary = report.load_summary(self.out_dir / r.cell.name)
+            status = "done" if summary is not None else "failed"
+            self.record(r, status, rc)
+            self.release(r)
+            if status == "done":
+                self.durations.append(dt)
+                left = self.total - self.finished - 1
+                eta = (sum(self.durations) / len(self.durations)) * left / self.parallel if left else 0.0
+                best = summary.get("best_map")
+                self._settle(r.cell, status, f"done     {r.cell.name}  final mAP {100 * summary['final_map']:.1f}"
+                             + (f"  best {100 * best:.1f}" if isinstance(best, (int, float)) else "")
+                             + f"  {_fmt_s(dt)}" + (f"  eta {_fmt_s(eta)}" if left else ""))
+            else:
+                why = f"exit code {rc}" if rc != 0 else "exit code 0 but no valid summary.json"
+                self._settle(r.cell, status, f"FAILED   {r.cell.name}  {why}; log: "
+                                             f"{self.out_dir / r.cell.name / 'grid.log'}")
+
+    def interrupt(self, grace_s: float) -> None:
+        """Ctrl-C/SIGTERM: stop the children, record each as done (if it got there) or interrupted."""
+        _stop(self.running, grace_s)
+        for r in self.running:  # a run that wrote summary.json before it stopped did finish
+            status = "done" if report.load_summary(self.out_dir / r.cell.name) is not None else "interrupted"
+            self.record(r, status, r.proc.returncode)
+            self.release(r)
+            self.result[r.cell.name] = status
+        self.log(f"interrupted: stopped {len(self.running)} running cell(s); they will run again on the next "
+                 "invocation")
 
 
 def _stop(running: list[_Running], grace_s: float) -> None:

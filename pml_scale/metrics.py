@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .labels.counts import positives_per_class, row_blocks
+
 
 def _column_block(x, a: int, b: int, device) -> torch.Tensor:
     """Columns a:b of a (N, L) numpy/torch array as a contiguous (b-a, N) torch tensor."""
@@ -132,11 +134,7 @@ def class_frequencies(states, *, chunk_rows: int = 65536) -> np.ndarray:
     if not isinstance(states, (np.ndarray, torch.Tensor)) or states.ndim != 2:
         raise ValueError(f"states must be a 2-D numpy array or torch tensor, got "
                          f"{type(states).__name__} {tuple(getattr(states, 'shape', ()))}")
-    out = np.zeros(states.shape[1], np.int64)
-    for a in range(0, states.shape[0], chunk_rows):
-        block = states[a:a + chunk_rows] == 1
-        out += (block.sum(0).cpu().numpy() if isinstance(block, torch.Tensor) else block.sum(0))
-    return out
+    return positives_per_class(row_blocks(states, chunk_rows), states.shape[1])
 
 
 def listed_average_precision(classes: np.ndarray, scores: np.ndarray, states: np.ndarray, num_labels: int,

@@ -83,7 +83,7 @@ class TinyResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_residual:  # each block starts as identity: stabler from scratch, but slower to learn
-            for blk in self.stages:  # shapes from a short schedule (demo_backbone pretrains with False)
+            for blk in self.stages:  # shapes from a short schedule (demo.backbone pretrains with False)
                 nn.init.zeros_(blk.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

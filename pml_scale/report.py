@@ -14,7 +14,6 @@ stays bounded.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
 import json
 import math
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .atomic import atomic_path
 
 RESULT_COLUMNS = ("dataset", "setting", "method", "seed", "final_map", "best_map", "test_map", "eval_split",
                   "epochs", "wall_s", "status", "name")
@@ -225,17 +226,10 @@ def format_table(agg: dict, *, datasets: list[str], settings: list[str], methods
     if ref:
         names = ", ".join(method_labels.get(m, m) for m in ref)
         notes.append(f"{names}: trained with {reference_setting} labels, shown for reference and not ranked.")
-    notes.append(f"mAP x100; best in bold, second underlined" + (f"; mean ± std over up to {n_max} seeds"
+    notes.append("mAP x100; best in bold, second underlined" + (f"; mean ± std over up to {n_max} seeds"
                                                                   if n_max > 1 else "") + ".")
     lines += ["", *notes, ""]
     return "\n".join(lines)
-
-
-def select(names: list[str], patterns: list[str] | None) -> list[str]:
-    """Names matching any glob pattern, in `names` order (all of them when patterns is None)."""
-    if patterns is None:
-        return list(names)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 # ------------------------------------------------------------------------------------- plots
@@ -243,10 +237,9 @@ def select(names: list[str], patterns: list[str] | None) -> list[str]:
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return path
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .data.drift import changed_shards, record_shards, shard_change_error
-from .data.format import labels_path, open_labels, read_manifest
-from .data.loaders import LoaderConfig, build_loader
-from .data.shard import make_mask, observed_name
+from .data.shards.drift import changed_shards, record_shards, shard_change_error
+from .data.shards.format import labels_path, open_labels, read_manifest
+from .data.input import LoaderConfig, build_loader
+from .data.shards.masks import make_mask, observed_name
 from .distributed import barrier, broadcast_object
 from .labels import ObservedLabels, parse_setting
 from .model import build_model
@@ -82,11 +82,11 @@ def ensure_dataset(cfg, dist_info) -> dict:
         if dist_info.is_local_main and not (root / "manifest.json").exists():
             print(f"[pml-scale] building the embedded demo dataset '{cfg.data.demo_dataset}' in {root} ...", flush=True)
             if cfg.data.demo_dataset == "photos":
-                from .data.demo_photos import build_photos
+                from .demo.photos import build_photos
 
                 build_photos(root, seed=0, progress=True)
             else:
-                from .data.demo import build_demo
+                from .demo.digits import build_demo
 
                 build_demo(root, dataset=cfg.data.demo_dataset, seed=0, progress=True)
         barrier()
@@ -131,7 +131,7 @@ def ensure_features(cfg, dist_info, num_labels: int) -> Path | None:
     The trunk is built under a fixed seed, so a random-init trunk is the same on every rank."""
     if not cfg.data.feature_cache:
         return None
-    from .data.features import ensure_cache
+    from .data.input.features import ensure_cache
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
@@ -161,7 +161,7 @@ def loader_config(cfg, split: str, *, train: bool, batch_size: int, subset: str 
                   features: str | None = None) -> LoaderConfig:
     return LoaderConfig(root=cfg.data.root, split=split, backend=cfg.data.backend, image_size=cfg.data.image_size,
                         batch_size=batch_size, train=train, augment=cfg.data.augment, hflip=cfg.data.hflip,
-                        workers=cfg.data.workers, dtype=cfg.model.dtype if cfg.model.dtype != "fp32" else "float32",
+                        workers=cfg.data.workers, dtype=cfg.model.dtype,
                         on_error=cfg.data.on_error, affinity=cfg.data.affinity if train else "none",
                         seed=cfg.run.seed, subset=subset, val_fraction=cfg.data.val_fraction,
                         val_seed=val_seed(cfg), val_ids=dataset_val_ids(cfg), features=features)

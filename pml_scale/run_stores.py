@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
-from .data.label_traffic import LabelTraffic, debug_dump_dir
+from .labels.traffic import LabelTraffic, debug_dump_dir
 from .distributed import barrier, broadcast_object
 from .labels import class_prior, label_stats
 from .losses import TrainingLoss
 from .run_data import RunData, check_shards
-from .stores import PseudoLabelStore, VersionedPseudoStore, pseudo_store_class
+from .labels.stores import PseudoLabelStore, VersionedPseudoStore, pseudo_store_class
 
 PSEUDO_FILES = ("pseudo.f16", "pseudo.v0.f16", "pseudo.v1.f16")
 

@@ -8,7 +8,7 @@ Per step, on every rank, with the host never waiting for the GPU:
      host; the next batch is fetched before this step is launched;
   2. the next batch's observed states, stored pseudo labels and the loss's host statistics (the
      paper's α/β counts) are gathered on a background thread from host memmaps into pinned memory
-     (``data.label_traffic``); the counts are summed over ranks on a gloo group, so α/β do not
+     (``labels.traffic``); the counts are summed over ranks on a gloo group, so α/β do not
      depend on the number of GPUs;
   3. ``step.train_step``: labels to the device, forward, loss, DeepSpeed backward/step;
   4. ŷ goes back to pinned memory asynchronously (all-gathered first, fixed size, when every
@@ -36,7 +36,7 @@ import torch
 from . import checkpoint
 from .atomic import atomic_write_json
 from .config import load_config, parse_cli, save_resolved
-from .data.label_traffic import LabelTraffic
+from .labels.traffic import LabelTraffic
 from .distributed import barrier, broadcast_buffers, disable_deepspeed_cpu_shm_op, setup_distributed
 from .engine import DTYPES, build_engine
 from .evaluate import evaluate_epoch, test_once

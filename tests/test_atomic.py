@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from pml_scale import labels, stores
+from pml_scale import labels
+from pml_scale.labels import observed, settings, stores
 from pml_scale.atomic import atomic_path, atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text
-from pml_scale.data.shard import make_mask
-from pml_scale.data.sources import parse_list
+from pml_scale.data.shards.masks import make_mask
+from pml_scale.data.shards.sources import parse_list
 
 
 def temps(folder):
@@ -59,7 +60,7 @@ def test_streamed_observed_save_fails_whole(tmp_path):
         raise Boom
 
     with pytest.raises(Boom):
-        labels._atomic_save_npy_stream(target, (4, 3), blocks())
+        observed._atomic_save_npy_stream(target, (4, 3), blocks())
     assert np.array_equal(np.load(target), np.zeros((4, 3))) and temps(tmp_path) == []
 
 
@@ -83,7 +84,7 @@ def test_sparse_copy_fails_whole(tmp_path, monkeypatch):
 
 @pytest.fixture
 def dataset(tmp_path):
-    from pml_scale.data.convert import convert
+    from pml_scale.data.shards.convert import convert
     from PIL import Image
 
     (tmp_path / "im").mkdir()
@@ -107,7 +108,7 @@ def test_make_mask_leaves_no_temp_and_no_half_file(dataset, monkeypatch, csr):
     def dies(*a, **k):  # the draw of the first block fails after the output file was opened
         raise Boom
 
-    monkeypatch.setattr(labels, "_draw_block", dies)
+    monkeypatch.setattr(settings, "draw_block", dies)
     with pytest.raises(Boom):
         make_mask(dataset, "PAL_0.3", seed=1, csr=csr)
     assert not list((dataset / "observed").glob("PAL_0.3*")) and temps(dataset) == []

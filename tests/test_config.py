@@ -10,11 +10,11 @@ from pml_scale.config import (
     Config,
     ConfigError,
     config_from_dict,
-    deepspeed_config,
     load_config,
     parse_cli,
     save_resolved,
 )
+from pml_scale.deepspeed_config import deepspeed_config
 
 
 def write(path, text):

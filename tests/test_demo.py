@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from pml_scale.data import demo
-from pml_scale.data.format import read_manifest
-from pml_scale.data.shard import main, verify
+from pml_scale.demo import digits as demo, scenes
+from pml_scale.data.shards.format import read_manifest
+from pml_scale.data.shards.cli import main
+from pml_scale.data.shards.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_default_build(built):
 
 def test_class_frequencies_follow_the_zipf_weights(built):
     out, _, _ = built
-    weights = demo.class_weights(np.random.default_rng(0))  # the generator's first draw (seed 0)
+    weights = scenes.class_weights(np.random.default_rng(0))  # the generator's first draw (seed 0)
     counts = (np.load(out / "train-labels.npy") == 1).sum(0)
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
     rho = np.corrcoef(rank(weights), rank(counts))[0, 1]  # Spearman
@@ -63,8 +64,8 @@ def test_writers_disjoint_and_deterministic(tmp_path):
     test = json.loads(a["test"][0].read_text())
     tr = {d for im in train["images"] for d in im["digits"]}
     te = {d for im in test["images"] for d in im["digits"]}
-    assert tr and te and max(tr) < demo.DIGIT_SPLIT <= min(te)
-    assert {c["id"] for c in train["categories"]} == {demo.category_id(k) for k in range(80)}
+    assert tr and te and max(tr) < scenes.DIGIT_SPLIT <= min(te)
+    assert {c["id"] for c in train["categories"]} == {scenes.category_id(k) for k in range(80)}
     # annotations agree with the digits drawn, and the bytes are identical for the same seed
     assert len(train["annotations"]) == sum(len(im["digits"]) for im in train["images"])
     for split in ("train", "test"):
@@ -90,7 +91,7 @@ def test_build_demo_small_is_reproducible(tmp_path):
 
 
 def test_longtail_statistics_and_orientations(tmp_path):
-    spec = demo.get_spec("longtail")
+    spec = scenes.get_spec("longtail")
     assert spec.num_classes == 240 and spec.class_names()[:4] == ["0-red-up", "0-red-left", "0-red-right", "0-green-up"]
     assert spec.decode(spec.class_names().index("7-cyan-right")) == (7, 4, 3)
     files = demo.make_demo_coco(tmp_path / "lt", dataset="longtail", seed=0, n_train=3000, n_test=40)
@@ -104,7 +105,7 @@ def test_longtail_statistics_and_orientations(tmp_path):
     # long tail over 240 classes: the 24 most frequent (10%) hold > 40% of positives
     assert counts[:24].sum() / counts.sum() > 0.4 and counts[0] > 20 * max(counts[-1], 1)
     with pytest.raises(ValueError, match="unknown demo dataset"):
-        demo.get_spec("mnist")
+        scenes.get_spec("mnist")
 
 
 def test_turned_digits_are_turned():
@@ -112,13 +113,13 @@ def test_turned_digits_are_turned():
     from sklearn.datasets import load_digits
 
     digits = load_digits().images
-    spec = demo.get_spec("longtail")
+    spec = scenes.get_spec("longtail")
     pool = {d: np.array([d]) for d in range(10)}  # scan index d is a digit d in load_digits
     cls = spec.class_names().index("1-white-left")
     up = spec.class_names().index("1-white-up")
     imgs = []
     for c in (cls, up):
-        img, placed = demo._compose(np.random.default_rng(3), digits, pool, [c], 64, spec)
+        img, placed = scenes.compose(np.random.default_rng(3), digits, pool, [c], 64, spec)
         x, y, w, h = placed[0][2]
         imgs.append(img[y:y + h, x:x + w].astype(float).mean(2))
     # same placement draw, so the 'left' crop is the 'up' crop turned (up to the background grain)
@@ -130,7 +131,7 @@ def test_turned_digits_are_turned():
 def test_backbone_pretraining_learns_and_loads(tmp_path):
     import torch
 
-    from pml_scale.data import demo_backbone
+    from pml_scale.demo import backbone as demo_backbone
     from pml_scale.model import build_model
 
     recipe = {**demo_backbone.RECIPE, "n_images": 4096, "epochs": 3, "n_val": 256}

@@ -109,7 +109,7 @@ def many_images(tmp_path_factory):
 
 
 def _convert_cmd(listing: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pml_scale.data.shard", "convert", "csv", "--train", str(listing), "-j", "2",
+    return [sys.executable, "-m", "pml_scale.data.shards.cli", "convert", "csv", "--train", str(listing), "-j", "2",
             "--shard-size", "16", "--max-side", "32", "-q", str(out)]
 
 
@@ -166,7 +166,7 @@ def test_converter_workers_die_with_their_parent(many_images, tmp_path, sig):
                            timeout=EXIT_BOUND_S * 2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "train 1500 samples / 94 shards" in rerun.stdout
-    ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shard", "verify", "-j", "1", "-q", str(out)],
+    ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shards.cli", "verify", "-j", "1", "-q", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=EXIT_BOUND_S * 2)
     assert ver.returncode == 0 and "OK" in ver.stdout, ver.stderr[-3000:]
 
@@ -195,7 +195,7 @@ def test_converter_ctrl_c_stops_cleanly(many_images, tmp_path):
     rerun = subprocess.run(_convert_cmd(many_images, out), cwd=REPO, capture_output=True, text=True,
                            timeout=EXIT_BOUND_S * 2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shard", "verify", "-j", "1", "-q", str(out)],
+    ver = subprocess.run([sys.executable, "-m", "pml_scale.data.shards.cli", "verify", "-j", "1", "-q", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=EXIT_BOUND_S * 2)
     assert ver.returncode == 0, ver.stderr[-3000:]
 
@@ -335,7 +335,7 @@ def test_preemption_past_the_grace_period_exits_without_a_checkpoint(tiny_demo, 
 # (an unreadable page), or the Nth scatter writes half its rows and then raises (a write error)
 FAILING_STORE = '''
 import sys
-from pml_scale.stores import PseudoLabelStore
+from pml_scale.labels.stores import PseudoLabelStore
 from pml_scale.train import main
 
 what, nth = sys.argv[1], int(sys.argv[2])
@@ -372,7 +372,7 @@ def test_label_thread_failure_stops_the_run_and_commits_nothing_half_written(tin
     err = proc.stderr
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert f"injected I/O error in {what} call {nth}" in err, err[-3000:]
-    assert "label_traffic.py" in err and ("_scatter" in err if what == "scatter" else "_gather" in err), err[-3000:]
+    assert "labels/traffic.py" in err and ("_scatter" in err if what == "scatter" else "_gather" in err), err[-3000:]
     assert "LabelTrafficError: the label thread failed in the " in err, err[-3000:]
     steps = _train_steps(run_dir)
     # raised by the step after the one that queued the failed task: gather 9 is queued in step 8
@@ -436,7 +436,7 @@ def test_checkpoint_that_does_not_fit_keeps_the_previous_one(tiny_demo, referenc
 
 SNAPSHOT_UNDER_LIMIT = """
 import sys
-from pml_scale.stores import PseudoLabelStore
+from pml_scale.labels.stores import PseudoLabelStore
 store = PseudoLabelStore(sys.argv[1], 96, 80, create=False)
 store.snapshot(sys.argv[2])
 """
@@ -447,7 +447,7 @@ def test_store_snapshot_that_does_not_fit_names_file_and_bytes(tmp_path):
     snapshot file and the 15360 bytes it needs, nothing is left at its path; with room it works."""
     import torch
 
-    from pml_scale.stores import PseudoLabelStore
+    from pml_scale.labels.stores import PseudoLabelStore
 
     store = PseudoLabelStore(tmp_path / "pseudo.f16", 96, 80, create=True)
     store.scatter(torch.arange(96), torch.full((96, 80), 0.75))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pml_scale import labels as L
+from pml_scale.labels import observed as L
 from pml_scale.labels import ObservedLabels, label_stats, make_observed, parse_setting
 
 

@@ -12,10 +12,11 @@ from PIL import Image
 
 from conftest import requires_cuda
 from pml_scale.atomic import atomic_write_json
-from pml_scale.data import format as fmt
-from pml_scale.data.index import SampleError, SampleIndex, ShardReader, check_image_bytes
-from pml_scale.data.loaders import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, build_loader, dali_importable
-from pml_scale.data.plan import batches_per_epoch, make_plan
+from pml_scale.data.shards import format as fmt
+from pml_scale.data.shards.index import SampleError, SampleIndex, ShardReader, check_image_bytes
+from pml_scale.data.input import LoaderConfig, build_loader, dali_importable
+from pml_scale.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from pml_scale.data.input.plan import batches_per_epoch, make_plan
 
 SHARD_SIZES = (12, 10, 11, 9, 8, 10)  # 60 samples, uneven shards
 N = sum(SHARD_SIZES)
@@ -426,7 +427,7 @@ def test_batch_reader_verdicts_match_the_sample_reader(tmp_path):
     # a short read: point sample 31 past the end of its shard
     loc.offset[0, -1] += os.path.getsize(loc.paths[int(loc.shard[0, -1])])
     loc.id_offset[0, -1] += os.path.getsize(loc.paths[int(loc.shard[0, -1])])
-    from pml_scale.data.batch_source import BatchReader
+    from pml_scale.data.input.batch_source import BatchReader
 
     _, views, out_ids, out_valid, bad = BatchReader().read(loc, 0, np.ones(len(ids), bool), {})
     reader = ShardReader()

@@ -72,7 +72,7 @@ def test_input_affine_maps_imagenet_normalisation_to_minus_one_one():
 
 
 def test_frozen_units_stay_frozen_and_cached_features_give_the_same_logits():
-    from pml_scale.data.features import trunk_forward
+    from pml_scale.data.input.features import trunk_forward
     from pml_scale.efficientnet_lite import EfficientNetLite0
 
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def stamps(tmp_path_factory):
 
 
 def test_exemplars_keep_photographs_of_big_enough_classes(stamps):
-    from pml_scale.data.demo_photos import collect_exemplars, split_exemplars
+    from pml_scale.demo.photos import collect_exemplars, split_exemplars
 
     ex = collect_exemplars(stamps)
     assert {k: len(v) for k, v in ex.items()} == {"bovines": 5, "mammals": 5, "birds": 6}  # fruit 4, trees 3 < 5
@@ -139,8 +139,8 @@ def test_exemplars_keep_photographs_of_big_enough_classes(stamps):
 
 
 def test_photos_dataset_builds_through_the_coco_converter(stamps, tmp_path):
-    from pml_scale.data.demo_photos import build_photos
-    from pml_scale.data.format import labels_name
+    from pml_scale.demo.photos import build_photos
+    from pml_scale.data.shards.format import labels_name
 
     out = tmp_path / "photos"
     manifest = build_photos(out, stamps=stamps, n_train=30, n_test=12, size=64)
@@ -153,14 +153,14 @@ def test_photos_dataset_builds_through_the_coco_converter(stamps, tmp_path):
 
 
 def test_photos_builder_says_what_to_install(tmp_path):
-    from pml_scale.data.demo_photos import StampsMissing, make_photos_coco
+    from pml_scale.demo.photos import StampsMissing, make_photos_coco
 
     with pytest.raises(StampsMissing, match="apt-get install tuxpaint-stamps-default"):
         make_photos_coco(tmp_path / "w", stamps=tmp_path / "nowhere", n_train=2, n_test=2)
 
 
 def test_generated_images_use_only_their_splits_exemplars(stamps, tmp_path):
-    from pml_scale.data.demo_photos import make_photos_coco
+    from pml_scale.demo.photos import make_photos_coco
 
     files = make_photos_coco(tmp_path / "w", stamps=stamps, n_train=20, n_test=10, size=64)
     used = {"train": set(), "val": set(), "test": set()}
@@ -176,7 +176,7 @@ def test_generated_images_use_only_their_splits_exemplars(stamps, tmp_path):
 
 # ----------------------------------------------------------------------------- validation split
 def test_validation_ids_are_a_seeded_disjoint_carve():
-    from pml_scale.data.plan import restrict, validation_ids
+    from pml_scale.data.input.plan import restrict, validation_ids
 
     ids = np.arange(1000) * 3 + 7
     val = validation_ids(ids, 0.2, seed=1)
@@ -198,7 +198,7 @@ def test_validation_ids_are_a_seeded_disjoint_carve():
 # ----------------------------------------------------------------------------- feature cache + trainer
 @pytest.fixture(scope="module")
 def tiny_digits(tmp_path_factory):
-    from pml_scale.data.demo import build_demo
+    from pml_scale.demo.digits import build_demo
 
     root = tmp_path_factory.mktemp("feat") / "data"
     build_demo(root, seed=0, n_train=80, n_test=40, size=32, shard_size=32, pretrain=False)
@@ -207,8 +207,8 @@ def tiny_digits(tmp_path_factory):
 
 def test_feature_loader_matches_the_trunk_on_the_image_loader(tiny_digits):
     """Same ids, same flips, same features as running the frozen trunk on the decoded batch."""
-    from pml_scale.data.features import ensure_cache, trunk_forward
-    from pml_scale.data.loaders import LoaderConfig, build_loader
+    from pml_scale.data.input.features import ensure_cache, trunk_forward
+    from pml_scale.data.input import LoaderConfig, build_loader
     from pml_scale.efficientnet_lite import EfficientNetLite0
 
     torch.manual_seed(0)
@@ -262,7 +262,7 @@ def test_run_chooses_on_validation_and_reads_test_once(tiny_digits, tmp_path):
     assert proc.stdout.count("test (read once)") == 1
     assert (run_dir / "per_class_ap_test.json").exists()
     # the pseudo store is written for the 60 training ids only, never for the 20 validation ids
-    from pml_scale.data.plan import validation_ids
+    from pml_scale.data.input.plan import validation_ids
 
     val = validation_ids(np.arange(80), 0.25, 0)
     pseudo = np.fromfile(run_dir / "pseudo.f16", dtype=np.float16).reshape(80, 80)
@@ -274,7 +274,7 @@ def test_run_chooses_on_validation_and_reads_test_once(tiny_digits, tmp_path):
 
 
 def test_pml_shard_demo_photos_names_the_missing_package(tmp_path, capsys):
-    from pml_scale.data.shard import main
+    from pml_scale.data.shards.cli import main
 
     assert main(["demo", str(tmp_path / "out"), "--dataset", "photos", "--stamps", str(tmp_path / "none"), "-q"]) != 0
     assert "apt-get install tuxpaint-stamps-default" in capsys.readouterr().err

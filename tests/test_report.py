@@ -5,7 +5,6 @@ References are hand-computed values (and the stdlib's statistics module for std)
 import csv
 import io
 import json
-import math
 import statistics
 
 import numpy as np

@@ -17,7 +17,7 @@ from test_train import REPO, TRAIN, _free_port, env, write_config
 
 @pytest.fixture(scope="module")
 def oil(tmp_path_factory):
-    from pml_scale.data.openimages_like import build_openimages_like
+    from pml_scale.demo.openimages_like import build_openimages_like
 
     out = tmp_path_factory.mktemp("oil9605") / "data"
     build_openimages_like(out, num_classes=9605, n_train=128, n_test=64, size=16, shard_size=32, labels_form="csr")

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pml_scale.data import convert as convert_mod
-from pml_scale.data.convert import ConvertError, StrictError, convert
-from pml_scale.data.format import decode_id, read_manifest
-from pml_scale.data.shard import main, verify
-from pml_scale.data.sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
+from pml_scale.data.shards import convert as convert_mod
+from pml_scale.data.shards.convert import ConvertError, StrictError, convert
+from pml_scale.data.shards.format import decode_id, read_manifest
+from pml_scale.data.shards.cli import main
+from pml_scale.data.shards.verify import verify
+from pml_scale.data.shards.sources import InputError, parse_coco, parse_cub, parse_list, parse_nuswide, parse_openimages
 
 # ----------------------------------------------------------------------------------------------
 # helpers

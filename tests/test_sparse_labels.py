@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from pml_scale.data import convert as convert_mod
-from pml_scale.data.convert import choose_labels_form, convert
-from pml_scale.data.format import labels_path, open_labels, read_manifest
-from pml_scale.data.openimages_like import write_openimages_like
-from pml_scale.data.shard import main, make_mask, verify
-from pml_scale.data.sources import parse_list, parse_openimages
+from pml_scale.data.shards import convert as convert_mod
+from pml_scale.data.shards.convert import choose_labels_form, convert
+from pml_scale.data.shards.format import labels_path, open_labels, read_manifest
+from pml_scale.demo.openimages_like import write_openimages_like
+from pml_scale.data.shards.cli import main
+from pml_scale.data.shards.masks import make_mask
+from pml_scale.data.shards.verify import verify
+from pml_scale.data.shards.sources import parse_list, parse_openimages
 from pml_scale.evaluate import score
 from pml_scale.labels import ObservedLabels, label_stats, make_observed, save_csr
-from pml_scale.stores import PseudoLabelStore
+from pml_scale.labels.stores import PseudoLabelStore
 
 L_OI = 300
 
@@ -126,7 +128,7 @@ class _Batch:
 
 
 def test_label_thread_gives_the_same_batches_and_store(oi_pair, tmp_path):
-    from pml_scale.data.label_traffic import LabelTraffic
+    from pml_scale.labels.traffic import LabelTraffic
 
     stores = {}
     for form, (folder, _) in oi_pair.items():
@@ -255,11 +257,11 @@ RSS_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import torch
-    from pml_scale.data.format import open_labels
-    from pml_scale.data.label_traffic import LabelTraffic
-    from pml_scale.data.shard import make_mask
+    from pml_scale.data.shards.format import open_labels
+    from pml_scale.labels.traffic import LabelTraffic
+    from pml_scale.data.shards.masks import make_mask
     from pml_scale.labels import ObservedLabels, label_stats
-    from pml_scale.stores import PseudoLabelStore
+    from pml_scale.labels.stores import PseudoLabelStore
 
     folder, batches = Path(sys.argv[1]), int(sys.argv[2])
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,4 +1,4 @@
-"""Label stores by sample id: sparse pseudo-label memmap, ROLE estimates, observed labels, all-gather."""
+"""Label stores by sample id: sparse pseudo-label memmap, ROLE estimates; the label traffic and its all-gather."""
 
 import json
 import math
@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pml_scale.stores import (
-    ObservedLabelSource,
-    PseudoLabelStore,
-    RoleEstimates,
-    allgather_rows,
-    allgather_updates,
-)
+from pml_scale.labels import ObservedLabels
+from pml_scale.labels.stores import PseudoLabelStore, RoleEstimates
+from pml_scale.labels.traffic import allgather_rows
 
 FP16_TOL = 2.5e-4  # half an fp16 ulp of values in [-0.5, 0.5]
 
@@ -159,35 +155,12 @@ def test_role_estimates_init_scatter_snapshot(tmp_path):
         RoleEstimates(tmp_path / "u.f32", n, num_l + 1, init_observed=states)
 
 
-def test_observed_label_source_dense_and_labels_module(tmp_path):
-    rng = np.random.default_rng(2)
-    arr = rng.integers(-1, 2, size=(30, 5)).astype(np.int8)
-    src = ObservedLabelSource(arr)
-    ids = torch.tensor([29, 0, 3, 0])
-    got = src.gather(ids)
-    assert got.dtype == torch.int8 and got.device == ids.device
-    assert np.array_equal(got.numpy(), arr[[29, 0, 3, 0]])
-    assert (src.num_samples, src.num_labels) == (30, 5)
-    assert np.array_equal(ObservedLabelSource(arr.astype(np.int64)).gather(ids).numpy(), arr[[29, 0, 3, 0]])
-    with pytest.raises(ValueError, match=r"value 2 at \[0, 0\]"):
-        ObservedLabelSource(np.full((2, 2), 2, dtype=np.int32))
-    with pytest.raises(IndexError, match="out of range"):
-        src.gather(torch.tensor([30]))
-    labels = pytest.importorskip("pml_scale.labels")
-    wrapped = ObservedLabelSource(labels.ObservedLabels.from_dense(arr))
-    assert np.array_equal(wrapped.gather(ids).numpy(), arr[[29, 0, 3, 0]])
-    # ROLE init from an ObservedLabels equals init from the array
+def test_role_init_from_observed_labels_equals_init_from_the_array(tmp_path):
+    arr = np.random.default_rng(2).integers(-1, 2, size=(30, 5)).astype(np.int8)
+    wrapped = ObservedLabels.from_dense(arr)
     a = RoleEstimates(tmp_path / "a.f32", 30, 5, init_observed=arr, seed=1).gather(torch.arange(30))
     b = RoleEstimates(tmp_path / "b.f32", 30, 5, init_observed=wrapped, seed=1).gather(torch.arange(30))
     assert torch.equal(a, b)
-
-
-def test_allgather_without_process_group_returns_local_valid_rows():
-    ids = torch.tensor([3, 1, 2])
-    yhat = torch.rand(3, 4)
-    valid = torch.tensor([True, False, True])
-    out_ids, out_y = allgather_updates(ids, yhat, valid)
-    assert out_ids.tolist() == [3, 2] and torch.equal(out_y, yhat[[0, 2]])
 
 
 # ----------------------------------------------------------------------------- two ranks
@@ -195,62 +168,14 @@ def test_allgather_without_process_group_returns_local_valid_rows():
 N, L = 40, 7
 
 
-def _steps():
-    """Per step, per rank: (ids, yhat, valid, momentum, wire dtype); different batch sizes per rank."""
-    g = torch.Generator().manual_seed(5)
-    s1 = [(torch.tensor([1, 5, 9, 12, 30, 33]), torch.rand(6, L, generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()),
-          (torch.tensor([5, 2, 39, 7]), torch.rand(4, L, generator=g), torch.tensor([1, 1, 1, 1]).bool())]
-    s2 = [(torch.tensor([1, 3, 4]), torch.rand(3, L, generator=g), torch.tensor([1, 1, 1]).bool()),
-          (torch.tensor([2, 8]), torch.rand(2, L, generator=g), torch.tensor([0, 0]).bool())]
-    return [(s1, 0.0, torch.float16), (s2, 0.5, None)]
-
-
 def _observed():
     return np.random.default_rng(9).choice(np.array([-1, 0, 1], dtype=np.int8), size=(N, L), p=[0.7, 0.2, 0.1])
-
-
-def _worker(rank, world, port, folder):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        store = PseudoLabelStore(os.path.join(folder, f"rank{rank}.f16"), N, L)
-        observed = ObservedLabelSource(_observed())
-        for per_rank, momentum, wire in _steps():
-            ids, yhat, valid = per_rank[rank]
-            all_ids, all_y = allgather_updates(ids, yhat, valid, wire_dtype=wire)
-            assert all_y.dtype == torch.float32
-            store.scatter(all_ids, all_y, mask=observed.gather(all_ids) == -1, momentum=momentum)
-        store.flush()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_allgather_updates_two_ranks_keep_identical_stores(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    a = (tmp_path / "rank0.f16").read_bytes()
-    b = (tmp_path / "rank1.f16").read_bytes()
-    assert a == b
-    # independent reference: apply every valid row in rank order, one by one, in float64
-    ref = np.full((N, L), 0.5)
-    missing = _observed() == -1
-    for per_rank, momentum, _ in _steps():
-        for ids, yhat, valid in per_rank:
-            for i, y, v in zip(ids.tolist(), yhat.double().numpy(), valid.tolist()):
-                if v:
-                    ref[i] = np.where(missing[i], momentum * ref[i] + (1 - momentum) * y, ref[i])
-    got = np.frombuffer(a, dtype=np.float16).reshape(N, L).astype(np.float64) + 0.5
-    np.testing.assert_allclose(got, ref, atol=2 * FP16_TOL)
-    assert (got != 0.5).any()
 
 
 def test_pseudo_store_with_a_per_label_init(tmp_path):
@@ -336,10 +261,10 @@ class _Batch:
 
 
 def _traffic(tmp_path, observed, **kw):
-    from pml_scale.data.label_traffic import LabelTraffic
+    from pml_scale.labels.traffic import LabelTraffic
 
     store = PseudoLabelStore(tmp_path / "p.f16", N, L)
-    args = dict(observed=ObservedLabelSource(observed), pseudo_store=store, role_store=None, device="cpu",
+    args = dict(observed=ObservedLabels.from_dense(observed), pseudo_store=store, role_store=None, device="cpu",
                 counts_fn=lambda s, p, i, e: (float((s == 1).sum()), float(s.size)), global_counts=True,
                 group=None, world_size=1, rank=0, writer=True, per_node=False, momentum=0.0)
     args.update(kw)
@@ -371,7 +296,7 @@ def test_label_traffic_gathers_valid_rows_and_writes_behind_in_order(tmp_path):
 
 
 def test_label_traffic_non_writer_and_task_errors(tmp_path):
-    from pml_scale.data.label_traffic import LabelTrafficError
+    from pml_scale.labels.traffic import LabelTrafficError
 
     traffic, store = _traffic(tmp_path, _observed(), writer=False)
     batch = _Batch([1, 2], [True, True])
@@ -392,7 +317,7 @@ def test_versioned_store_equals_in_place_and_resumes_from_bitmaps(tmp_path, mome
     """Three epochs of scatters (each epoch visits a different subset once, masks on): the versioned
     store reads and ends like one in-place store; a mid-epoch checkpoint (bitmaps only) restored
     after a killed run wrote further rows gives the same end state; checkpoints copy no N x L."""
-    from pml_scale.stores import VersionedPseudoStore
+    from pml_scale.labels.stores import VersionedPseudoStore
 
     n, L = 40, 6
     rng = np.random.default_rng(0)
@@ -437,7 +362,7 @@ def test_uint8_store_quantises_to_1_255_and_keeps_masked_bytes(tmp_path, init):
     """pseudo.dtype=uint8 against float64 arithmetic: every read within 1/510 of the value written
     (the fresh store: the initial value rounded to 1/255), masked entries keep their bytes, momentum
     works in value space; the versioned store takes it; a header of the other dtype is refused."""
-    from pml_scale.stores import PseudoLabelStore8, VersionedPseudoStore
+    from pml_scale.labels.stores import PseudoLabelStore8, VersionedPseudoStore
 
     n, L = 30, 7
     rng = np.random.default_rng(4)

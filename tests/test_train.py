@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _dali_importable() -> bool:
-    from pml_scale.data.loaders import dali_importable
+    from pml_scale.data.input import dali_importable
 
     return dali_importable()
 
@@ -32,7 +32,7 @@ TRAIN = REPO / "launch" / "train.py"
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-    from pml_scale.data.demo import build_demo
+    from pml_scale.demo.digits import build_demo
 
     root = tmp_path_factory.mktemp("demo") / "data"
     build_demo(root, seed=0, n_train=96, n_test=48, size=32, shard_size=32, pretrain=False)

@@ -1,1 +1,2 @@
-"""Data: the shard format, the sharding tool, the demo dataset and the input pipelines."""
+"""Data: the shard format and the sharding tool (``shards``), and the input pipelines that read
+shards into batches (``input``)."""

@@ -12,7 +12,7 @@ import torch
 from pml_scale.losses import baselines as bl
 from pml_scale.losses.inputs import LossFn, LossInputs, LossOutput, check_batch, sigmoid_yhat
 from pml_scale.losses.training import TrainingLoss
-from pml_scale.stores import RoleEstimates
+from pml_scale.labels.stores import RoleEstimates
 
 
 def build_role(expected_positives=None, use_negatives=False, validate=True) -> LossFn:
