@@ -43,7 +43,10 @@ def part(frames: list[str]) -> str:
             return "backbone backward"
         if "AccumulateGrad" in s:
             return "backward: grad accumulation"
-        return "loss backward"
+        if any(k in s for k in ("WhereBackward", "LogSigmoidBackward", "MulBackward", "NegBackward", "SumBackward",
+                                "SubBackward", "DivBackward", "ClampBackward", "SigmoidBackward", "add_kernel")):
+            return "loss backward"
+        return "backward, unresolved native frames (oneDNN JIT: convolutions)"
     if "losses/" in s or "loss_fn" in s:
         return "loss forward"
     if "forward" in s or "_call_impl" in s:
@@ -74,6 +77,9 @@ def main(path: str) -> None:
             parts[part(frames)] += n
         elif name.startswith("pml-labels"):
             s = ";".join(frames)
+            if "SimpleQueue_get" in s or frames[-1].startswith("0x") and "cond_timedwait" in s and "Assign" not in s:
+                label_parts["idle (waiting for work)"] += n
+                continue
             key = "gather" if "gather" in s else "scatter/store write" if ("scatter" in s or "write" in s) else \
                 "alpha/beta counts" if "alpha_beta" in s or "counts" in s else "other"
             label_parts[key] += n
