@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Issue 17: the paper loss CPU reference with one log-sigmoid pass (log(1 - yhat) = log yhat - x) vs two
 (negative_term computes logsigmoid(-x) again): same loss, gradients within float rounding, time per
-fwd+bwd at 64 x 9,605. The change is monkeypatched here, not applied to pml_scale/losses/partial.py.
+fwd+bwd at 64 x 9,605. The one-pass form is what pml_scale/losses/partial.py's _rows now does; the
+two-pass form (the code before 2026-12-06) is written out here as the comparison.
     OMP_NUM_THREADS=1 python benchmarks/oil_negterm_check.py"""
 import torch, time, sys, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
@@ -14,17 +15,15 @@ states = states_like_native(B, L, g); ids = torch.arange(B) * 7; pseudo = torch.
 x0 = torch.randn(B, L, generator=g) * 3
 fn = build_loss("paper", validate=False)
 counts = tuple(P.alpha_beta_counts("observed", states).tolist())
-orig_rows = P._rows
-def rows_fix(s):
-    if s.neg_gamma == 0.0 and s.neg_margin == 0.0:
-        log_p = F.logsigmoid(s.x)
-        log_n = log_p - s.x          # log(1 - σ(x)) = log σ(x) - x: one log-sigmoid pass instead of two
-        zero = torch.zeros((), dtype=s.x.dtype)
-        a_obs = torch.where(s.pos, log_p, zero).sum(1); b_obs = torch.where(s.neg, log_n, zero).sum(1)
-        a_pick = torch.where(s.picked, s.pseudo * log_p, zero).sum(1); b_pick = torch.where(s.picked, (1 - s.pseudo) * log_n, zero).sum(1)
-        obs = s.inv_ne * (s.alpha * a_obs + s.beta * b_obs); pick = s.d * s.inv_ns * (s.alpha_s * a_pick + s.beta_s * b_pick)
-        return -s.p * (obs + pick)
-    return orig_rows(s)
+def two_passes(s):
+    log_p = F.logsigmoid(s.x)
+    log_n = P.negative_term(s.x, s.neg_gamma, s.neg_margin)  # logsigmoid(-x): the second pass
+    zero = torch.zeros((), dtype=s.x.dtype)
+    a_obs = torch.where(s.pos, log_p, zero).sum(1); b_obs = torch.where(s.neg, log_n, zero).sum(1)
+    a_pick = torch.where(s.picked, s.pseudo * log_p, zero).sum(1); b_pick = torch.where(s.picked, (1 - s.pseudo) * log_n, zero).sum(1)
+    obs = s.inv_ne * (s.alpha * a_obs + s.beta * b_obs); pick = s.d * s.inv_ns * (s.alpha_s * a_pick + s.beta_s * b_pick)
+    return -s.p * (obs + pick)
+orig_rows, rows_fix = two_passes, P._rows
 def run(x):
     return fn(LossInputs(logits=x, states=states, sample_ids=ids, epoch=1, total_epochs=4, pseudo=pseudo, batch_counts=counts)).loss
 def step():

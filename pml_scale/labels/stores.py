@@ -326,7 +326,11 @@ class PseudoLabelStore(_RowStore):
         safe in a background thread."""
         ids_np = _ids_numpy(ids, self.num_samples, f"{self.path}: gather")
         out = self._out(out, ids_np.size, np.float32)
-        out[...] = self._read_rows(ids_np)
+        rows = self._read_rows(ids_np)
+        if rows.dtype == np.float16:  # torch converts fp16 -> fp32 (exact) ~30x faster than numpy
+            torch.from_numpy(out).copy_(torch.from_numpy(rows))
+        else:
+            out[...] = rows
         out += self._offset
         if self.init is not None:  # as gather: fp16 rounding of ŷ - init can step just outside [0, 1]
             np.clip(out, 0.0, 1.0, out=out)
@@ -354,7 +358,7 @@ class PseudoLabelStore(_RowStore):
                 enc = np.float32(momentum) * old + np.float32(1.0 - momentum) * enc
             if mask_np is not None:
                 enc = np.where(mask_np[rows], enc, old)
-        self._mm[uniq] = enc.astype(np.float16)
+        self._mm[uniq] = _to_fp16(enc)
 
 
 class PseudoLabelStore8(PseudoLabelStore):
@@ -608,3 +612,9 @@ class RoleEstimates(_RowStore):
             return
         uniq, rows = _last_occurrence(ids_np)
         self._mm[uniq] = vals[rows]
+
+
+def _to_fp16(values: np.ndarray) -> np.ndarray:
+    """fp32 -> fp16 with round-to-nearest-even, as numpy's astype, through torch (~30x faster at
+    B × 10k labels: numpy converts element by element)."""
+    return torch.from_numpy(np.ascontiguousarray(values, np.float32)).to(torch.float16).numpy()
