@@ -107,7 +107,7 @@ def one(L: int, a) -> dict:
         out["rss_after_labels"] = rss()
 
         store = VersionedPseudoStore(work, n, L)
-        traffic = LabelTraffic(observed=obs, pseudo_store=store, role_store=None, device="cpu",
+        traffic = LabelTraffic(observed=obs, pseudo_store=store, estimates_store=None, device="cpu",
                                counts_fn=lambda *x: None, global_counts=False, group=None, world_size=1, rank=0,
                                writer=True, per_node=False, momentum=0.0)
         loss_fn = build_loss("paper", seed=0)

@@ -151,7 +151,7 @@ def label_traffic_bench(rows: int, labels: int, batch: int, world: int, steps: i
             store.gather(torch.from_numpy(own))
             store.scatter(glob[s], yhat, mask=observed.gather(glob[s]) == -1)
         inline = (time.perf_counter() - t0) / steps
-        traffic = LabelTraffic(observed=observed, pseudo_store=store, role_store=None, device=torch.device("cpu"),
+        traffic = LabelTraffic(observed=observed, pseudo_store=store, estimates_store=None, device=torch.device("cpu"),
                                counts_fn=build_training_loss("paper", {}, seed=0).host_counts, global_counts=False, group=None, world_size=1, rank=0,
                                writer=True, per_node=False, momentum=0.0)
         main_thread = 0.0

@@ -110,7 +110,7 @@ def build_label_traffic(cfg, dist_info, stores: RunStores, data: RunData, loss: 
     so they never interleave with the main thread's."""
     label_group = gloo_group(cfg) if dist_info.world_size > 1 else None
     per_node = stores.per_node
-    return LabelTraffic(observed=data.observed, pseudo_store=stores.pseudo, role_store=stores.estimates,
+    return LabelTraffic(observed=data.observed, pseudo_store=stores.pseudo, estimates_store=stores.estimates,
                         device=dist_info.device, counts_fn=loss.host_counts,
                         global_counts=loss.batch_stats == "global", group=label_group,
                         world_size=dist_info.world_size, rank=dist_info.rank,

@@ -135,7 +135,7 @@ def test_label_thread_gives_the_same_batches_and_store(oi_pair, tmp_path):
         obs = open_labels(folder, "train")
         n = obs.num_samples
         store = PseudoLabelStore(tmp_path / f"{form}.f16", n, L_OI)
-        traffic = LabelTraffic(observed=obs, pseudo_store=store, role_store=None, device="cpu",
+        traffic = LabelTraffic(observed=obs, pseudo_store=store, estimates_store=None, device="cpu",
                                counts_fn=lambda s, p, i, e: (float((s == 1).sum()), float((s != -1).sum())),
                                global_counts=False, group=None, world_size=1, rank=0, writer=True,
                                per_node=False, momentum=0.0)
@@ -271,7 +271,7 @@ RSS_SCRIPT = textwrap.dedent("""
     obs = ObservedLabels.load(make_mask(folder, "PPL_0.5", seed=0)); out["mask"] = rss()
     n, L = obs.shape
     store = PseudoLabelStore(folder / "pseudo.f16", n, L)  # sparse N x L: the one N x L allowed
-    t = LabelTraffic(observed=obs, pseudo_store=store, role_store=None, device="cpu", counts_fn=lambda *a: None,
+    t = LabelTraffic(observed=obs, pseudo_store=store, estimates_store=None, device="cpu", counts_fn=lambda *a: None,
                      global_counts=False, group=None, world_size=1, rank=0, writer=True, per_node=False,
                      momentum=0.0)
     rng = np.random.default_rng(0)

@@ -264,7 +264,7 @@ def _traffic(tmp_path, observed, **kw):
     from pml_scale.labels.traffic import LabelTraffic
 
     store = PseudoLabelStore(tmp_path / "p.f16", N, L)
-    args = dict(observed=ObservedLabels.from_dense(observed), pseudo_store=store, role_store=None, device="cpu",
+    args = dict(observed=ObservedLabels.from_dense(observed), pseudo_store=store, estimates_store=None, device="cpu",
                 counts_fn=lambda s, p, i, e: (float((s == 1).sum()), float(s.size)), global_counts=True,
                 group=None, world_size=1, rank=0, writer=True, per_node=False, momentum=0.0)
     args.update(kw)

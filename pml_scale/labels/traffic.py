@@ -59,7 +59,7 @@ class BatchLabels:
     ids: torch.Tensor  # (V,) int64 sample ids of the valid rows
     states: torch.Tensor  # (V, L) int8
     pseudo: torch.Tensor  # (V, L) float32 ỹ from the store
-    estimates: torch.Tensor | None  # (V, L) float32 ROLE logits, or None
+    estimates: torch.Tensor | None  # (V, L) float32 rows of the loss's estimate store (ROLE), or None
     rows: torch.Tensor | None  # (V,) int64 positions of the valid rows in the batch; None: all valid
     counts: tuple[float, float] | None  # (P, T) for α/β (global sums when global); None: not needed
     ids_host: np.ndarray  # (V,) the valid ids on the host
@@ -69,11 +69,11 @@ class BatchLabels:
 class LabelTraffic:
     """Background gathers and deferred scatters for one rank (see the module docstring)."""
 
-    def __init__(self, *, observed, pseudo_store, role_store, device: torch.device,
+    def __init__(self, *, observed, pseudo_store, estimates_store, device: torch.device,
                  counts_fn: Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[float, float] | None],
                  global_counts: bool, group, world_size: int, rank: int, writer: bool, per_node: bool,
                  momentum: float, debug_dir: str | None = None):
-        self.observed, self.pseudo_store, self.role_store = observed, pseudo_store, role_store
+        self.observed, self.pseudo_store, self.estimates_store = observed, pseudo_store, estimates_store
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.counts_fn = counts_fn
@@ -153,9 +153,9 @@ class LabelTraffic:
         pseudo = self._pinned((V, L), torch.float32)
         self.pseudo_store.gather_numpy(vids, out=pseudo.numpy())
         estimates = None
-        if self.role_store is not None:
+        if self.estimates_store is not None:
             estimates = self._pinned((V, L), torch.float32)
-            self.role_store.gather_numpy(vids, out=estimates.numpy())
+            self.estimates_store.gather_numpy(vids, out=estimates.numpy())
         counts = self.counts_fn(states.numpy(), pseudo.numpy(), vids, epoch)  # None: the loss needs none
         if counts is not None and self.global_counts:  # a tiny host all-reduce on our own gloo group
             import torch.distributed as dist
@@ -178,18 +178,19 @@ class LabelTraffic:
                            host.batch_size)
 
     # ------------------------------------------------------------------ scatter
-    def scatter(self, batch, labels: BatchLabels, yhat: torch.Tensor, role_rows: torch.Tensor | None,
+    def scatter(self, batch, labels: BatchLabels, yhat: torch.Tensor, estimate_rows: torch.Tensor | None,
                 tag: str = "") -> None:
         """Queue the store updates of this step: ŷ (V, L) of the valid rows (and ROLE's new rows).
         The device work is only enqueued here; the thread writes once the copies have landed."""
         pseudo = self._rows_for_store(batch, labels, yhat, torch.float16)
-        role = self._rows_for_store(batch, labels, role_rows, None) if role_rows is not None else None
+        estimates = self._rows_for_store(batch, labels, estimate_rows, None) if estimate_rows is not None else None
         event = None
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
         step = tag.split("-")[0] if tag else "?"
-        self._submit(f"the store update of step {step} (rank {self.rank})", self._scatter, event, pseudo, role, tag)
+        self._submit(f"the store update of step {step} (rank {self.rank})", self._scatter, event, pseudo, estimates,
+                     tag)
 
     def _rows_for_store(self, batch, labels: BatchLabels, values: torch.Tensor, wire):
         """(ids, rows) on the host (still landing) of the rows this rank's store must receive."""
@@ -206,7 +207,7 @@ class LabelTraffic:
         all_ids, all_rows = allgather_rows(send_ids, full.to(wire) if wire is not None else full)
         return self._download(all_ids), self._download(all_rows)
 
-    def _scatter(self, event, pseudo, role, tag: str) -> None:
+    def _scatter(self, event, pseudo, estimates, tag: str) -> None:
         if event is not None:
             while not event.query():  # polling, not synchronize(): never holds the GIL while waiting
                 time.sleep(2e-4)
@@ -216,10 +217,10 @@ class LabelTraffic:
         if self.writer and ids.size:
             mask = np.asarray(self.observed.gather(ids)) == MISSING
             self.pseudo_store.scatter(ids, rows, mask=mask, momentum=self.momentum)
-        if role is not None and self.writer:
-            r_ids, r_rows = _host_rows(*role)
+        if estimates is not None and self.writer:
+            r_ids, r_rows = _host_rows(*estimates)
             if r_ids.size:
-                self.role_store.scatter(r_ids, r_rows)
+                self.estimates_store.scatter(r_ids, r_rows)
 
     def _debug_dump(self, tag: str, ids, rows) -> None:
         """Test hook (PML_DEBUG_DUMP_UPDATES=dir): the (ids, ŷ) this rank itself computed."""
