@@ -15,7 +15,7 @@ done
 for rep in 1 2 3; do
   for L in 600 9605; do
     $PY launch/train.py --config configs/openimages_like.yaml data.root=data/tput$L data.val_fraction=0 \
-      run.epochs=2 run.eval_every=0 run.log_every=8 run.name=tput${L}_r$rep run.out_dir=runs/tput > runs/tput_${L}_r$rep.log 2>&1
+      run.epochs=2 run.eval_every=0 run.log_every=8 run.resume=false run.name=tput${L}_r$rep run.out_dir=runs/tput > runs/tput_${L}_r$rep.log 2>&1
   done
 done
 $PY - <<'PY'
