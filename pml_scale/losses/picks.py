@@ -26,6 +26,7 @@ import torch
 
 from pml_scale.kernels.pick_hash import (  # noqa: F401 (re-exported: the one host-side copy)
     C1, C2, GOLDEN, MASK32, PICK_BITS, fmix32_int, launch_key, pick_threshold)
+from pml_scale.labels.keys import fmix32  # the same murmur3 finaliser, numpy uint32, in place
 
 
 def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
@@ -51,19 +52,8 @@ def row_hash(sample_ids: torch.Tensor, key: int) -> torch.Tensor:
 
 def pick_draws(sample_ids: torch.Tensor, num_labels: int, *, seed: int, epoch: int) -> torch.Tensor:
     """(B, L) int64 24-bit uniform draws; ``pick_mask`` compares them with the threshold."""
-    if sample_ids.dim() != 1:
-        raise ValueError(f"sample_ids must be 1-D (B,), got shape {tuple(sample_ids.shape)}")
-    if sample_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"sample_ids must be int64 or int32, got {sample_ids.dtype}")
-    if int(num_labels) < 1:
-        raise ValueError(f"num_labels must be >= 1, got {num_labels!r}")
-    key = launch_key(seed, epoch)
-    row = row_hash(sample_ids, key)
-    if row.device.type == "cpu":
-        return torch.from_numpy(_draws_uint32(row, int(num_labels)).astype(np.int64))
-    j = torch.arange(1, int(num_labels) + 1, dtype=torch.int64, device=sample_ids.device)
-    col = _mul32(j, GOLDEN)
-    return _fmix32(row[:, None] ^ col[None, :]) >> (32 - PICK_BITS)
+    draws = _draws(sample_ids, num_labels, seed=seed, epoch=epoch)
+    return torch.from_numpy(draws.astype(np.int64)) if isinstance(draws, np.ndarray) else draws
 
 
 def pick_mask(sample_ids: torch.Tensor, num_labels: int, *, seed: int, epoch: int, q: float) -> torch.Tensor:
@@ -72,23 +62,25 @@ def pick_mask(sample_ids: torch.Tensor, num_labels: int, *, seed: int, epoch: in
     Each slot is picked independently with probability q (exactly q in the 24-bit grid).
     """
     thr = pick_threshold(q)
-    if sample_ids.device.type == "cpu" and sample_ids.dim() == 1 and int(num_labels) >= 1 \
-            and sample_ids.dtype in (torch.int64, torch.int32):
-        row = row_hash(sample_ids, launch_key(seed, epoch))
-        return torch.from_numpy(_draws_uint32(row, int(num_labels)) < np.uint32(thr))
-    return pick_draws(sample_ids, num_labels, seed=seed, epoch=epoch) < thr
+    draws = _draws(sample_ids, num_labels, seed=seed, epoch=epoch)
+    return torch.from_numpy(draws < np.uint32(thr)) if isinstance(draws, np.ndarray) else draws < thr
 
 
-def _draws_uint32(row: torch.Tensor, num_labels: int) -> np.ndarray:
-    """(B, L) uint32 24-bit draws from the (B,) row hashes, in numpy uint32 (CPU): the recipe's
-    last fmix32 on row ^ (j + 1) * GOLDEN, computed in place."""
-    r = row.numpy().astype(np.uint32)
-    col = np.arange(1, num_labels + 1, dtype=np.uint32) * np.uint32(GOLDEN)
-    h = r[:, None] ^ col[None, :]
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(C1)
-    h ^= h >> np.uint32(13)
-    h *= np.uint32(C2)
-    h ^= h >> np.uint32(16)
-    h >>= np.uint32(32 - PICK_BITS)
-    return h
+def _draws(sample_ids: torch.Tensor, num_labels: int, *, seed: int, epoch: int):
+    """The (B, L) draws: numpy uint32 for CPU ids (unsigned arithmetic wraps by itself), int64
+    tensors emulating uint32 on other devices."""
+    if sample_ids.dim() != 1:
+        raise ValueError(f"sample_ids must be 1-D (B,), got shape {tuple(sample_ids.shape)}")
+    if sample_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"sample_ids must be int64 or int32, got {sample_ids.dtype}")
+    if int(num_labels) < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels!r}")
+    row = row_hash(sample_ids, launch_key(seed, epoch))
+    if row.device.type == "cpu":
+        col = np.arange(1, int(num_labels) + 1, dtype=np.uint32) * np.uint32(GOLDEN)
+        h = fmix32(row.numpy().astype(np.uint32)[:, None] ^ col[None, :])  # in place
+        h >>= np.uint32(32 - PICK_BITS)
+        return h
+    j = torch.arange(1, int(num_labels) + 1, dtype=torch.int64, device=sample_ids.device)
+    col = _mul32(j, GOLDEN)
+    return _fmix32(row[:, None] ^ col[None, :]) >> (32 - PICK_BITS)
