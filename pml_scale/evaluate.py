@@ -17,26 +17,35 @@ from .metrics import listed_average_precision, mean_average_precision
 from .run_data import make_loader
 
 
+def _batches_with_logits(engine, loader, *, epoch: int, prepare, progress):
+    """(batch, logits) of every batch of ``loader`` with the model in eval mode (train mode again
+    after, also on errors). The loader keeps its pipeline between calls (one per eval loader for
+    the whole run); ``prepare`` puts images in the model's dtype and memory format."""
+    engine.eval()
+    loader.set_epoch(epoch)
+    try:
+        for batch in loader:
+            yield batch, engine(prepare(batch.images))
+            if progress is not None:
+                progress.update(1)
+    finally:
+        engine.train()
+
+
 @torch.no_grad()
 def predict(engine, loader, *, epoch: int, num_labels: int, prepare=lambda images: images, progress=None):
     """Scores (sigmoid) and ids of the valid rows this rank saw, gathered from all ranks (rank order).
 
     Eval loaders pad with repeats marked valid=False so all ranks run the same number of batches;
     those rows are dropped here, after the gather and on the host, so every test id counts exactly
-    once. The loader keeps its pipeline between calls (one per eval loader for the whole run).
-    ``prepare`` puts images in the model's dtype and memory format.
+    once.
     """
-    engine.eval()
-    loader.set_epoch(epoch)
     scores, ids, valid = [], [], []
-    for batch in loader:  # no host sync per batch: scores stay on the device until the end
-        logits = engine(prepare(batch.images))
+    # no host sync per batch: scores stay on the device until the end
+    for batch, logits in _batches_with_logits(engine, loader, epoch=epoch, prepare=prepare, progress=progress):
         scores.append(torch.sigmoid(logits.float()))
         ids.append(batch.ids)
         valid.append(batch.valid)
-        if progress is not None:
-            progress.update(1)
-    engine.train()
     if not scores:
         return np.zeros((0, num_labels), np.float32), np.zeros((0,), np.int64)
     s = all_gather_rows(torch.cat(scores)).cpu().numpy()
@@ -84,20 +93,16 @@ def predict_listed(engine, loader, labels, *, epoch: int, prepare=lambda images:
     test set of any size fits."""
     import torch.distributed as dist
 
-    engine.eval()
-    loader.set_epoch(epoch)
+    from .labels import MISSING
+
     keep, host = [], []
-    for batch in loader:
-        logits = engine(prepare(batch.images))
+    for batch, logits in _batches_with_logits(engine, loader, epoch=epoch, prepare=prepare, progress=progress):
         states = labels.gather(batch.ids_host)  # (B, L) int8 on the host: one batch, no more
-        states[~batch.valid_host] = -1
-        r, c = np.nonzero(states != -1)
+        states[~batch.valid_host] = MISSING
+        r, c = np.nonzero(states != MISSING)
         flat = torch.from_numpy(r * logits.shape[1] + c).to(logits.device, non_blocking=True)
         keep.append(torch.sigmoid(logits.float()).flatten().index_select(0, flat))
         host.append((batch.ids_host[r], c.astype(np.int32), states[r, c], batch.ids_host[batch.valid_host]))
-        if progress is not None:
-            progress.update(1)
-    engine.train()
     scores = torch.cat(keep).cpu().numpy() if keep else np.zeros(0, np.float32)
     mine = tuple(np.concatenate([h[k] for h in host]) if host else np.zeros(0) for k in range(4)) + (scores,)
     parts = [mine]
