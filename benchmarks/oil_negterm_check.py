@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Issue 17: the paper loss CPU reference with one log-sigmoid pass (log(1 - yhat) = log yhat - x) vs two
 (negative_term computes logsigmoid(-x) again): same loss, gradients within float rounding, time per
-fwd+bwd at 64 x 9,605. The one-pass form is what pml_scale/losses/partial.py's _rows now does; the
+fwd+bwd at 64 x 9,605. The one-pass form is what pml_scale/losses/partial.py's loss_rows now does; the
 two-pass form (the code before 2026-12-06) is written out here as the comparison.
     OMP_NUM_THREADS=1 python benchmarks/oil_negterm_check.py"""
 import torch, time, sys, torch.nn.functional as F
@@ -23,13 +23,13 @@ def two_passes(s):
     a_pick = torch.where(s.picked, s.pseudo * log_p, zero).sum(1); b_pick = torch.where(s.picked, (1 - s.pseudo) * log_n, zero).sum(1)
     obs = s.inv_ne * (s.alpha * a_obs + s.beta * b_obs); pick = s.d * s.inv_ns * (s.alpha_s * a_pick + s.beta_s * b_pick)
     return -s.p * (obs + pick)
-orig_rows, rows_fix = two_passes, P._rows
+orig_rows, rows_fix = two_passes, P.loss_rows
 def run(x):
     return fn(LossInputs(logits=x, states=states, sample_ids=ids, epoch=1, total_epochs=4, pseudo=pseudo, batch_counts=counts)).loss
 def step():
     x = x0.clone().requires_grad_(True); l = run(x); l.backward(); return l, x.grad
-P._rows = orig_rows; l1, g1 = step()
-P._rows = rows_fix; l2, g2 = step()
+P.loss_rows = orig_rows; l1, g1 = step()
+P.loss_rows = rows_fix; l2, g2 = step()
 print("loss", l1.item(), l2.item(), "rel", abs(l1.item()-l2.item())/abs(l1.item()), "grad max abs diff", (g1-g2).abs().max().item(), "grad max", g1.abs().max().item())
 def t(n=15):
     for _ in range(3): step()
@@ -38,6 +38,6 @@ def t(n=15):
         s=time.perf_counter(); step(); ts.append(time.perf_counter()-s)
     return round(1e3*sorted(ts)[n//2],1)
 for r in range(3):
-    P._rows = orig_rows; a = t()
-    P._rows = rows_fix; b = t()
+    P.loss_rows = orig_rows; a = t()
+    P.loss_rows = rows_fix; b = t()
     print(f"paper loss fwd+bwd at 64x9605, 1 thread: reference {a} ms, one log-sigmoid pass {b} ms")

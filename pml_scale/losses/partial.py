@@ -431,6 +431,14 @@ def _setup(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, tot
         validate_batch(logits, states, pseudo=pseudo, sample_ids=sample_ids)
     alpha, beta, d = coefficients(opts, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
                                   seed=seed, batch_counts=batch_counts)
+    return setup_from_coefficients(opts, logits, states, pseudo, sample_ids, alpha=alpha, beta=beta, d=d, seed=seed,
+                                   epoch=epoch)
+
+
+def setup_from_coefficients(opts: PaperOptions, logits, states, pseudo, sample_ids, *, alpha, beta, d, seed,
+                            epoch) -> _Setup:
+    """The batch's masks, picks, counts and penalty for given (α, β, d): what ``loss_rows`` and
+    ``loss_grad`` read (the kernel's torch fallback passes the coefficients it was given)."""
     dt = compute_dtype(logits)
     x = logits.to(dt)
     yhat = torch.sigmoid(x.detach())
@@ -449,7 +457,7 @@ def _setup(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch, tot
                   float(opts.neg_gamma), float(opts.neg_margin))
 
 
-def _rows(s: _Setup) -> torch.Tensor:
+def loss_rows(s: _Setup) -> torch.Tensor:
     """(B,) per-image losses L_i, differentiable in s.x."""
     log_p = F.logsigmoid(s.x)      # log ŷ
     if s.neg_gamma == 0.0 and s.neg_margin == 0.0:
@@ -510,7 +518,7 @@ def paper_loss(opts: PaperOptions, logits, states, pseudo, sample_ids, *, epoch,
                        batch_counts=batch_counts, validate=validate)
     s = _setup(opts, logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs, seed=seed,
                batch_counts=batch_counts, validate=validate)
-    return _rows(s).mean(), _stats(s), s.yhat
+    return loss_rows(s).mean(), _stats(s), s.yhat
 
 
 def partial_label_loss_with_stats(logits, states, pseudo, sample_ids, *, epoch, total_epochs, seed,
@@ -548,8 +556,13 @@ def partial_label_loss_grad(logits, states, pseudo, sample_ids, *, epoch, total_
     """
     s = _setup(_options(**options), logits, states, pseudo, sample_ids, epoch=epoch, total_epochs=total_epochs,
                seed=seed, batch_counts=batch_counts, validate=validate)
+    return loss_grad(s, logits.shape[0])
+
+
+def loss_grad(s: _Setup, num_rows: float) -> torch.Tensor:
+    """The closed-form gradient of ``loss_rows(s).sum() / num_rows`` (see partial_label_loss_grad)."""
     y, yt = s.yhat, s.pseudo
-    scale = (s.p / logits.shape[0])[:, None]
+    scale = (s.p / num_rows)[:, None]
     dneg = negative_term_grad(y, s.neg_gamma, s.neg_margin)  # −ŷ for the paper
     g_obs = torch.where(s.pos, -s.alpha * (1 - y), torch.where(s.neg, -s.beta * dneg, torch.zeros_like(y)))
     g_pick = -s.d * (s.alpha_s * yt * (1 - y) + s.beta_s * (1 - yt) * dneg)
